@@ -1,0 +1,82 @@
+"""PoseNet for self-supervised training: ResNet encoder on two stacked frames -> 6-DoF motion.
+
+Convention: `forward(img_a, img_b)` predicts the motion whose transform
+`transformation_from_parameters(axisangle, translation)` maps camera-a points into camera b
+(X_b = T X_a). Frames are always fed in temporal order (earlier first) so the network sees one
+direction of motion; `relative_pose` then inverts for past sources, giving the T that
+docs/interfaces.md needs (target points -> source camera).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+
+_RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+            50: torchvision.models.resnet50}
+_WEIGHTS = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50_Weights"}
+
+
+def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.Tensor,
+                                   invert: bool = False) -> torch.Tensor:
+    """axis-angle B x 3 and translation B x 3 (extra singleton dims allowed) -> B x 4 x 4.
+
+    T = [R | t] (X' = R X + t); with `invert`, the exact inverse [R^T | -R^T t].
+    """
+    aa = axisangle.reshape(-1, 3)
+    t = translation.reshape(-1, 3).to(aa.dtype)
+    R = axis_angle_to_rotation_matrix(aa)  # B x 3 x 3
+    if invert:
+        R = R.transpose(1, 2)
+        t = -(R @ t.unsqueeze(-1)).squeeze(-1)
+    T = torch.eye(4, dtype=aa.dtype, device=aa.device).repeat(aa.shape[0], 1, 1)
+    T[:, :3, :3] = R
+    T[:, :3, 3] = t
+    return T
+
+
+class PoseNet(nn.Module):
+    """ResNet (first conv widened to 6 channels) + small conv decoder -> (axisangle, translation)."""
+
+    def __init__(self, num_layers: int = 18, weights: str = "none", scale: float = 0.01):
+        super().__init__()
+        if num_layers not in _RESNETS:
+            raise ValueError(f"num_layers must be one of {sorted(_RESNETS)}, got {num_layers}")
+        if weights not in ("none", "imagenet"):
+            raise ValueError(f"weights must be 'none' or 'imagenet', got {weights!r}")
+        tv_weights = None
+        if weights == "imagenet":
+            tv_weights = getattr(torchvision.models, _WEIGHTS[num_layers]).IMAGENET1K_V1
+        resnet = _RESNETS[num_layers](weights=tv_weights)
+        conv1 = nn.Conv2d(6, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        with torch.no_grad():
+            # Pretrained RGB filters shared by both frames, halved so activations keep their scale.
+            conv1.weight.copy_(torch.cat([resnet.conv1.weight] * 2, dim=1) / 2)
+        resnet.conv1 = conv1
+        self.encoder = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool + fc
+        feat = 512 if num_layers < 50 else 2048
+        self.decoder = nn.Sequential(
+            nn.Conv2d(feat, 256, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 6, 1),
+        )
+        # Small outputs make training start near the identity motion.
+        self.scale = scale
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406] * 2).view(1, 6, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225] * 2).view(1, 6, 1, 1))
+
+    def forward(self, img_a: torch.Tensor, img_b: torch.Tensor):
+        """Two B x 3 x H x W images in [0, 1] -> (axisangle B x 3, translation B x 3)."""
+        x = (torch.cat([img_a, img_b], dim=1) - self.mean) / self.std
+        out = self.decoder(self.encoder(x)).mean(dim=(2, 3)) * self.scale  # B x 6
+        return out[:, :3], out[:, 3:]
+
+    def relative_pose(self, target: torch.Tensor, source: torch.Tensor, source_id: int):
+        """B x 4 x 4 T mapping target camera points into the source camera (X_src = T X_tgt)."""
+        if source_id < 0:
+            axisangle, translation = self(source, target)
+            return transformation_from_parameters(axisangle, translation, invert=True)
+        axisangle, translation = self(target, source)
+        return transformation_from_parameters(axisangle, translation)
