@@ -68,3 +68,31 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str, path
     except RuntimeError as e:
         first = str(e).splitlines()[:6]
         raise CheckpointError(f"{path}: {what} weights do not fit the model: " + " ".join(first)) from None
+
+
+def build_model(cfg):
+    """A `DiffSQLDepth` for the ModelConfig `cfg` (imported here: checkpoint.py stays light)."""
+    from .depth_net import DiffSQLDepth
+
+    return DiffSQLDepth(cfg)
+
+
+def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu"):
+    """Rebuild the DepthNet from a checkpoint's stored `model_config`, load its weights strictly;
+    returns (model in eval mode on `device`, ModelConfig). Every failure is a CheckpointError."""
+    import dataclasses
+
+    from .config import ModelConfig
+    from .yaml_config import ConfigError
+
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        cfg = ModelConfig.from_dict(state["model_config"])
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: stored model_config is invalid: {e}") from None
+    # The trained weights replace the encoder's initial ones: never fetch ImageNet weights here.
+    model = build_model(dataclasses.replace(cfg, weights="none"))
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is a {type(state['model']).__name__}, not a state dict")
+    load_state_strict(model, state["model"], "model", path)
+    return model.to(device).eval(), cfg
