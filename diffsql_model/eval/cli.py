@@ -1,0 +1,213 @@
+"""`diffsql-eval`: the paper's KITTI / Make3D tables from a checkpoint or saved predictions.
+
+  diffsql-eval --protocol eigen --data /data/kitti --split-file eigen/test_files.txt \
+      --checkpoint model.pt --json out.json
+  diffsql-eval --protocol make3d --data /data/make3d --predictions preds.npz
+
+--predictions: an .npz whose array `depth` holds one depth map in metres (any resolution) per
+frame, in the order of the split file (make3d: pairs sorted by name, or the names listed in
+--split-file): a stacked N x H x W (or N x 1 x H x W) array, or an object array of maps.
+Make3D predictions are for the 2:1 centre-cropped image.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import zipfile
+
+import numpy as np
+
+from diffsql_model.eval import metrics as M
+from diffsql_model.eval import protocols as P
+
+TABLE = {"make3d": M.MAKE3D_COLUMNS}
+
+
+def load_predictions(path: str | pathlib.Path) -> list[np.ndarray]:
+    """`depth` array of an .npz -> list of H x W float32 maps (clear errors for anything else)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"predictions file {path} is truncated or not an .npz (np.savez) archive")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "depth" not in npz.files:
+                raise KeyError(f"{path} has no array 'depth' (arrays: {npz.files})")
+            try:
+                depth = npz["depth"]
+            except ValueError:
+                # an object array of maps of different sizes: the user's own file, unpickled
+                with np.load(path, allow_pickle=True) as npz_obj:
+                    depth = npz_obj["depth"]
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    except Exception as e:  # zipfile / zlib / OS errors of a damaged archive
+        raise ValueError(f"predictions file {path} is corrupt: {e}") from None
+    if depth.dtype == object:
+        maps = [np.asarray(d, dtype=np.float32) for d in depth]
+    elif depth.ndim in (3, 4):
+        maps = [np.asarray(d, dtype=np.float32) for d in depth]
+    else:
+        raise ValueError(f"{path}: 'depth' must be N x H x W, N x 1 x H x W or an object array, got {depth.shape}")
+    for i, d in enumerate(maps):
+        if d.squeeze().ndim != 2:
+            raise ValueError(f"{path}: prediction {i} has shape {d.shape}, expected one H x W map")
+    return [d.squeeze() if d.ndim > 2 else d for d in maps]
+
+
+class ModelPredictions:
+    """Lazy, batched predictions of a checkpoint: `[i]` runs the batch holding frame i once.
+    Images are resized (bilinear, antialiased) to the network size cfg.height x cfg.width."""
+
+    def __init__(self, frames, checkpoint, device: str, batch_size: int):
+        import torch
+
+        from diffsql_model.checkpoint import load_model
+        from diffsql_model.inference import resolve_device
+
+        self.torch, self.frames, self.batch_size = torch, frames, max(1, batch_size)
+        self.device = resolve_device(device)
+        self.model, self.cfg = load_model(checkpoint, self.device)
+        self._start, self._cache = None, {}
+
+    def __len__(self):
+        return len(self.frames)
+
+    def _run(self, start: int):
+        torch = self.torch
+        idx = range(start, min(start + self.batch_size, len(self.frames)))
+        self._start, self._cache = start, {}
+        images, ok = [], []
+        for i in idx:
+            try:
+                images.append(self.frames[i].load_image())
+                ok.append(i)
+            except FileNotFoundError as e:
+                self._cache[i] = e
+        if not images:
+            return
+        batch = []
+        for img in images:  # 3 x H x W in [0, 1] at the network size
+            t = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)[None]
+            batch.append(torch.nn.functional.interpolate(
+                t, size=(self.cfg.height, self.cfg.width), mode="bilinear", align_corners=False, antialias=True))
+        with torch.inference_mode():
+            depth = self.model(torch.cat(batch).to(self.device))["depth"]  # B x 1 x h x w
+        for i, d in zip(ok, depth[:, 0].float().cpu().numpy()):
+            self._cache[i] = d
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i not in self._cache:
+            self._run(i - i % self.batch_size)
+        value = self._cache[i]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+def build_frames(args) -> tuple[list[P.Frame], dict]:
+    """The protocol's frames and the details reported with the result."""
+    details = {"data": str(args.data), "split_file": str(args.split_file) if args.split_file else None}
+    if args.protocol == "make3d":
+        names = None
+        if args.split_file:
+            names = [ln.split()[0] for ln in pathlib.Path(args.split_file).read_text().splitlines() if ln.strip()]
+        return P.make3d_frames(args.data, names), details
+    if not args.split_file:
+        raise ValueError(f"--split-file is required for --protocol {args.protocol}")
+    lines = P.read_split_file(args.split_file)
+    raw, depth = P.resolve_kitti_data(args.data)
+    details.update(raw_root=str(raw) if raw else None, depth_root=str(depth) if depth else None)
+    if args.protocol == "eigen":
+        return P.eigen_frames(lines, raw, args.gt_depth), details
+    return P.eigen_benchmark_frames(lines, depth, raw), details
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="diffsql-eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--protocol", required=True, choices=P.PROTOCOLS)
+    ap.add_argument("--data", required=True, type=pathlib.Path,
+                    help="KITTI root with raw/ and depth/ (or raw-only / depth folder), Make3D folder, or a bag")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=pathlib.Path)
+    src.add_argument("--predictions", type=pathlib.Path, help=".npz with array 'depth' (metres), one map per frame")
+    ap.add_argument("--split-file", type=pathlib.Path)
+    ap.add_argument("--json", type=pathlib.Path, help="write the full result (per frame, missing frames) here")
+    ap.add_argument("--scaling", choices=("median", "fixed"), default="median")
+    ap.add_argument("--scale", type=float, default=1.0, help="with --scaling fixed: pred * scale")
+    ap.add_argument("--gt-depth", choices=("velo_x", "cam_z"), default="velo_x",
+                    help="eigen ground truth: velodyne forward x (standard) or camera z")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=8)
+    return ap.parse_args(argv)
+
+
+def evaluate(args) -> dict:
+    cfg = P.EvalConfig.for_protocol(args.protocol, scaling=args.scaling, scale=args.scale, gt_depth=args.gt_depth)
+    if args.protocol == "bag":
+        return _evaluate_bag(args, cfg)
+    frames, details = build_frames(args)
+    if args.predictions:
+        preds = load_predictions(args.predictions)
+        if len(preds) != len(frames):
+            raise ValueError(f"{args.predictions} holds {len(preds)} depth maps but the protocol lists "
+                             f"{len(frames)} frames: one map per split-file line, in order")
+        details["predictions"] = str(args.predictions)
+    else:
+        preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size)
+        details["checkpoint"] = str(args.checkpoint)
+    return P.run_evaluation(frames, preds, cfg, **details)
+
+
+def _evaluate_bag(args, cfg) -> dict:
+    """Bag protocol from the CLI: needs `diffsql_model.data.bags.iter_image_lidar_pairs`."""
+    try:
+        from diffsql_model.data.bags import iter_image_lidar_pairs
+    except ImportError as e:
+        raise ValueError(f"--protocol bag needs diffsql_model.data.bags.iter_image_lidar_pairs: {e}") from None
+    if args.predictions:
+        raise ValueError("--protocol bag predicts from the bag's images: use --checkpoint")
+    from diffsql_model.checkpoint import load_model
+    from diffsql_model.inference import DepthEstimator
+
+    model, mcfg = load_model(args.checkpoint)
+    est = DepthEstimator(model, mcfg, device=args.device)
+    result = P.evaluate_bag_samples(iter_image_lidar_pairs(args.data), lambda img: est.predict(img)[0], cfg)
+    result.update(data=str(args.data), checkpoint=str(args.checkpoint))
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [f"protocol {result['protocol']}: {result['n_frames']} of {result['n_frames_listed']} frames "
+             f"evaluated, ground truth: {result['gt_depth']}"]
+    for m in result["missing"]:
+        lines.append(f"  missing: {m['frame']}: {m['reason']}")
+    sc = result["scaling"]
+    if sc["mode"] == "median" and "median" in sc:
+        lines.append(f"median scaling ratios: median {sc['median']:.3f}, std {sc['std']:.3f} "
+                     f"(std/median {sc['std_over_median']:.3f})")
+    elif sc["mode"] == "fixed":
+        lines.append(f"fixed scale {sc['scale']}")
+    if result["metrics"]:
+        lines.append(M.format_table(result["metrics"], TABLE.get(result["protocol"], M.KITTI_COLUMNS)))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = evaluate(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CalibrationError, CheckpointError, ...
+        print(f"diffsql-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(report(result))
+    if args.json:
+        M.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0 if result["n_frames"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

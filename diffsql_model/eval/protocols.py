@@ -1,0 +1,280 @@
+"""Evaluation protocols (shared PROTOCOLS.md): which frames, which ground truth, which mask.
+
+`eigen` (velodyne scans), `eigen_benchmark` (improved ground-truth PNGs), `make3d` and `bag`
+(already paired image + LiDAR depth maps from `diffsql_model.data.bags`). Every protocol turns
+into a list of `Frame`s evaluated by `run_evaluation` against a sequence of predictions (one
+H x W depth map in metres per frame, any resolution). Frames without ground truth are listed
+under "missing" in the result, never dropped silently.
+
+Accepted KITTI layouts (`resolve_kitti_data`): a root holding `raw/` and/or `depth/`
+(`raw/<date>/<date>_drive_<n>_sync/...`, `depth/{train,val}/<drive>/proj_depth/groundtruth/
+image_0{2,3}/<frame:010d>.png`), a raw-only folder (`<date>/...`), or the depth folder itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from diffsql_model.data import ground_truth as gtlib
+from diffsql_model.data import make3d as m3d
+from diffsql_model.data.calib import load_kitti_calib
+from diffsql_model.eval import metrics as M
+from diffsql_model.yaml_config import ConfigError, YamlConfig
+
+PROTOCOLS = ("eigen", "eigen_benchmark", "make3d", "bag")
+
+
+@dataclasses.dataclass
+class EvalConfig(YamlConfig):
+    """Ground-truth validity, scaling and clipping of one evaluation run."""
+
+    protocol: str = "eigen"
+    min_depth: float = 1e-3  # valid ground truth: min_depth < gt < max_depth
+    max_depth: float = 80.0
+    clip_min: float = 1e-3  # scaled predictions are clipped to [clip_min, clip_max]
+    clip_max: float = 80.0
+    scaling: str = "median"  # "median" (per image) or "fixed" (metric models: pred * scale)
+    scale: float = 1.0
+    gt_depth: str = "velo_x"  # eigen only: "velo_x" (standard) or "cam_z"
+    garg_crop: bool = True
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.scaling not in ("median", "fixed"):
+            raise ConfigError(f"scaling must be 'median' or 'fixed', got {self.scaling!r}")
+        if self.gt_depth not in gtlib.DEPTH_DEFINITIONS:
+            raise ConfigError(f"gt_depth must be one of {gtlib.DEPTH_DEFINITIONS}, got {self.gt_depth!r}")
+        if not (0 <= self.min_depth < self.max_depth and 0 < self.clip_min < self.clip_max):
+            raise ConfigError("need 0 <= min_depth < max_depth and 0 < clip_min < clip_max")
+        if self.scaling == "fixed" and not self.scale > 0:
+            raise ConfigError(f"fixed scaling needs scale > 0, got {self.scale}")
+
+    @classmethod
+    def for_protocol(cls, protocol: str, **overrides) -> "EvalConfig":
+        """Protocol defaults: make3d keeps gt < 70 m and no Garg crop; bag no Garg crop."""
+        base = {"make3d": {"max_depth": 70.0, "garg_crop": False}, "bag": {"garg_crop": False}}
+        return cls(protocol=protocol, **{**base.get(protocol, {}), **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One evaluation item: `load_gt()` -> H x W metres (0 = none; raises MissingGroundTruth),
+    `load_image()` -> H x W x 3 uint8 RGB as the network should see it (for --checkpoint)."""
+
+    key: str
+    load_gt: Callable[[], np.ndarray]
+    load_image: Callable[[], np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLine:
+    folder: str  # "<date>/<date>_drive_<n>_sync"
+    frame: int
+    side: str  # "l" (image_02) or "r" (image_03)
+
+    @property
+    def cam(self) -> int:
+        return 2 if self.side == "l" else 3
+
+    def __str__(self) -> str:
+        return f"{self.folder} {self.frame} {self.side}"
+
+
+def read_split_file(path: str | pathlib.Path) -> list[SplitLine]:
+    """`<date>/<drive> <frame> <l|r>` lines (blank lines skipped); a bad line is an error."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    lines = []
+    for n, text in enumerate(path.read_text().splitlines(), 1):
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[2] not in ("l", "r") or not parts[1].isdigit() or "/" not in parts[0]:
+            raise ValueError(f"{path}:{n}: expected '<date>/<drive> <frame> <l|r>', got {text!r}")
+        lines.append(SplitLine(parts[0], int(parts[1]), parts[2]))
+    if not lines:
+        raise ValueError(f"split file {path} lists no frames")
+    return lines
+
+
+def resolve_kitti_data(data: str | pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path | None]:
+    """--data -> (raw root, depth root); either may be None when that layout is absent."""
+    data = pathlib.Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data}")
+    if (data / "raw").is_dir() or (data / "depth").is_dir():
+        raw, depth = data / "raw", data / "depth"
+    elif (data / "train").is_dir() or (data / "val").is_dir():
+        raw, depth = data.parent / "raw", data
+    else:
+        raw, depth = data, data.parent / "depth"
+    return (raw if raw.is_dir() else None), (depth if depth.is_dir() else None)
+
+
+def _read_rgb(path: pathlib.Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"image {path} is corrupt or not an image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _kitti_image_loader(raw_root: pathlib.Path | None, line: SplitLine):
+    def load() -> np.ndarray:
+        if raw_root is None:
+            raise FileNotFoundError("no KITTI raw folder: images are needed with --checkpoint")
+        base = raw_root / line.folder / f"image_0{line.cam}" / "data" / f"{line.frame:010d}"
+        for ext in (".png", ".jpg"):
+            if base.with_suffix(ext).is_file():
+                return _read_rgb(base.with_suffix(ext))
+        raise FileNotFoundError(f"image not found: {base}.png")
+    return load
+
+
+def eigen_frames(lines: Sequence[SplitLine], raw_root: pathlib.Path, gt_depth: str = "velo_x") -> list[Frame]:
+    """Eigen split: ground truth from each frame's velodyne scan, projected into image_02 (l) or
+    image_03 (r) with its date's calibration. Missing calibration fails here, before any work."""
+    if raw_root is None:
+        raise FileNotFoundError("the eigen protocol needs the KITTI raw folder (velodyne scans)")
+    calibs = {}
+    for line in lines:
+        key = (line.folder.split("/")[0], line.cam)
+        if key not in calibs:
+            calibs[key] = load_kitti_calib(raw_root / key[0], key[1])  # CalibrationError if absent
+
+    def gt_loader(line: SplitLine):
+        calib = calibs[(line.folder.split("/")[0], line.cam)]
+        scan = gtlib.kitti_velodyne_path(raw_root, line.folder, line.frame)
+        return lambda: gtlib.velodyne_depth_map(gtlib.read_velodyne_bin(scan), calib, depth=gt_depth)
+
+    return [Frame(str(ln), gt_loader(ln), _kitti_image_loader(raw_root, ln)) for ln in lines]
+
+
+def benchmark_gt_path(depth_root: pathlib.Path, line: SplitLine) -> pathlib.Path:
+    """The improved ground truth of a split line, looked up in depth/train then depth/val."""
+    drive = line.folder.rstrip("/").split("/")[-1]
+    rel = pathlib.Path(drive, "proj_depth", "groundtruth", f"image_0{line.cam}", f"{line.frame:010d}.png")
+    candidates = [depth_root / sub / rel for sub in ("train", "val")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise gtlib.MissingGroundTruth(f"no improved ground truth at {candidates[0]} or {candidates[1]}")
+
+
+def eigen_benchmark_frames(lines: Sequence[SplitLine], depth_root: pathlib.Path | None,
+                           raw_root: pathlib.Path | None = None) -> list[Frame]:
+    if depth_root is None:
+        raise FileNotFoundError("the eigen_benchmark protocol needs the KITTI depth folder (improved ground truth)")
+
+    def gt_loader(line: SplitLine):
+        return lambda: gtlib.read_depth_png(benchmark_gt_path(depth_root, line))
+
+    return [Frame(str(ln), gt_loader(ln), _kitti_image_loader(raw_root, ln)) for ln in lines]
+
+
+def make3d_frames(folder: str | pathlib.Path, names: Sequence[str] | None = None) -> list[Frame]:
+    """Make3D pairs sorted by name (or in the order of `names`); ground truth = the 21 centre
+    rows of the 55 x 305 laser depth, image = its 2:1 centre crop."""
+    pairs = {p.name: p for p in m3d.find_make3d_pairs(folder)}
+    order = list(names) if names is not None else sorted(pairs)
+    frames = []
+    for name in order:
+        pair = pairs.get(name)
+        depth_path = pair.depth_path if pair and pair.depth_path else pathlib.Path(folder) / f"{m3d.DEPTH_PREFIX}{name}.mat"
+        image_path = pair.image_path if pair else pathlib.Path(folder) / f"{m3d.IMAGE_PREFIX}{name}.jpg"
+        frames.append(Frame(
+            name,
+            lambda p=depth_path: m3d.crop_make3d_depth(m3d.load_make3d_depth(p)),
+            lambda p=image_path: m3d.crop_make3d_image(m3d.load_make3d_image(p)),
+        ))
+    return frames
+
+
+class _Accumulator:
+    """Per-frame metrics, scale ratios and the list of frames that could not be evaluated."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, self.per_frame, self.ratios, self.missing = cfg, [], [], []
+        self.n_listed = 0
+
+    def add(self, key: str, gt: np.ndarray, pred: np.ndarray) -> None:
+        cfg = self.cfg
+        gt = np.asarray(gt, dtype=np.float32)
+        pred = M.resize_prediction(pred, *gt.shape)
+        valid = np.isfinite(gt) & (gt > cfg.min_depth) & (gt < cfg.max_depth)
+        if cfg.garg_crop:
+            valid &= M.garg_crop_mask(*gt.shape)
+        if not valid.any():
+            self.missing.append({"frame": key, "reason": "no valid ground-truth pixel in the mask"})
+            return
+        try:
+            values, ratio = M.evaluate_frame(gt, pred, valid, scaling=cfg.scaling, scale=cfg.scale,
+                                             clip=(cfg.clip_min, cfg.clip_max))
+        except ValueError as e:
+            raise ValueError(f"frame {key}: {e}") from None
+        self.per_frame.append({"frame": key, "n_valid": int(valid.sum()), "ratio": ratio, **values})
+        self.ratios.append(ratio)
+
+    def result(self, **details) -> dict:
+        cfg = self.cfg
+        out = {
+            "protocol": cfg.protocol,
+            "gt_depth": cfg.gt_depth if cfg.protocol == "eigen" else details.pop("gt_depth", "dataset"),
+            "n_frames_listed": self.n_listed,
+            "n_frames": len(self.per_frame),
+            "n_missing": len(self.missing),
+            "missing": self.missing,
+            "metrics": M.mean_metrics(self.per_frame) if self.per_frame else None,
+            "scaling": ({"mode": "median", **M.ratio_stats(self.ratios)} if cfg.scaling == "median"
+                        else {"mode": "fixed", "scale": cfg.scale}) if self.per_frame else {"mode": cfg.scaling},
+            "settings": cfg.to_dict(),
+            **details,
+            "per_frame": self.per_frame,
+        }
+        return out
+
+
+def run_evaluation(frames: Sequence[Frame], predictions: Sequence[np.ndarray], cfg: EvalConfig, /,
+                   progress: Callable[[Iterable], Iterable] = iter, **details) -> dict:
+    """Evaluate `predictions[i]` against `frames[i]`; missing ground truth or images are listed."""
+    if len(predictions) != len(frames):
+        raise ValueError(f"{len(predictions)} predictions for {len(frames)} frames: they must match one to one")
+    acc = _Accumulator(cfg)
+    acc.n_listed = len(frames)
+    for i in progress(range(len(frames))):
+        frame = frames[i]
+        try:
+            gt = frame.load_gt()
+        except gtlib.MissingGroundTruth as e:
+            acc.missing.append({"frame": frame.key, "reason": str(e)})
+            continue
+        try:
+            pred = predictions[i]
+        except FileNotFoundError as e:  # --checkpoint: the image of this frame is absent
+            acc.missing.append({"frame": frame.key, "reason": str(e)})
+            continue
+        acc.add(frame.key, gt, pred)
+    return acc.result(**details)
+
+
+def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[np.ndarray], np.ndarray],
+                         cfg: EvalConfig | None = None) -> dict:
+    """Bag protocol. samples: `(image HxWx3 uint8 RGB, lidar_depth HxW metres 0 = no return)`
+    or `(image, lidar_depth, name)`; lidar_depth None marks a frame without a scan (listed as
+    missing). predict_fn(image) -> depth map (any resolution, resized to the LiDAR map)."""
+    cfg = cfg or EvalConfig.for_protocol("bag")
+    acc = _Accumulator(cfg)
+    for i, sample in enumerate(samples):
+        image, depth = sample[0], sample[1]
+        key = str(sample[2]) if len(sample) > 2 else f"sample {i}"
+        acc.n_listed += 1
+        if depth is None:
+            acc.missing.append({"frame": key, "reason": "no LiDAR scan paired with this image"})
+            continue
+        acc.add(key, depth, predict_fn(image))
+    return acc.result(gt_depth="lidar depth map as paired by the caller")
