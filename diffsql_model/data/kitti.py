@@ -1,0 +1,224 @@
+"""KITTI raw training dataset (Monodepth2 / SQLdepth layout and split lines).
+
+Layout: `<root>/<date>/<drive>/image_02|image_03/data/<frame:010d>.png|jpg`, calibration in
+`<root>/<date>/calib_*.txt`. Split lines: `<date>/<drive> <frame> l|r`.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffsql_model.data.augment import (
+    AugmentConfig,
+    build_sample,
+    draw_augmentation,
+    normalised_kitti_K,
+)
+from diffsql_model.data.calib import load_kitti_calib, stereo_baseline
+
+log = logging.getLogger(__name__)
+
+SIDE_TO_CAM = {"l": 2, "r": 3}
+KITTI_BASELINE_M = 0.54  # used only when use_calib=False
+
+
+class KittiDataError(FileNotFoundError):
+    """Split lines whose images are missing, or malformed split lines."""
+
+
+def parse_split_lines(lines: Iterable[str], source: str = "split") -> list[tuple[str, int, str]]:
+    """`<date>/<drive> <frame> l|r` lines -> (folder, frame, side); blank lines are skipped."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[2] not in SIDE_TO_CAM or not parts[1].lstrip("-").isdigit():
+            raise KittiDataError(f"{source}:{n}: expected '<date>/<drive> <frame> l|r', got {line!r}")
+        out.append((parts[0], int(parts[1]), parts[2]))
+    return out
+
+
+def read_kitti_timestamps(path: str | pathlib.Path) -> list[int]:
+    """KITTI `timestamps.txt` (`2011-09-26 13:02:25.961661696` a line) -> ns since the epoch (UTC)."""
+    out = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        day, _, frac = line.partition(".")
+        secs = np.datetime64(day.replace(" ", "T"), "s").astype(np.int64)
+        out.append(int(secs) * 1_000_000_000 + int((frac + "000000000")[:9]))
+    return out
+
+
+def load_rgb(path: pathlib.Path) -> np.ndarray:
+    """Image file -> H x W x 3 uint8 RGB (clear error for a missing or corrupt file)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise KittiDataError(f"image not found: {path}") from None
+    except OSError as err:
+        raise KittiDataError(f"image {path} is corrupt or unreadable: {err}") from err
+
+
+class KittiRawDataset(torch.utils.data.Dataset):
+    """Training / validation samples from KITTI raw (see docs/interfaces.md for the dict).
+
+    split: a split file path or a list of split lines. frame_ids: temporal offsets
+    (0, -1, 1) plus "s" for the stereo partner. on_missing: "error" (default) raises naming
+    every missing file; "drop" removes those lines and lists them in `self.dropped`
+    (and logs a warning with the count).
+    """
+
+    def __init__(
+        self,
+        root: str | pathlib.Path,
+        split: str | pathlib.Path | Sequence[str],
+        height: int = 192,
+        width: int = 640,
+        frame_ids: Sequence = (0, -1, 1),
+        stereo: bool = False,
+        is_train: bool = True,
+        image_ext: str = "auto",
+        use_calib: bool = True,
+        on_missing: str = "error",
+        load_depth: bool = False,
+        depth_definition: str = "velo_x",
+        augment: AugmentConfig | None = None,
+    ):
+        self.root = pathlib.Path(root)
+        if not self.root.is_dir():
+            raise KittiDataError(f"KITTI raw root not found: {self.root}")
+        if isinstance(split, (str, pathlib.Path)):
+            split_path = pathlib.Path(split)
+            if not split_path.is_file():
+                raise KittiDataError(f"split file not found: {split_path}")
+            self.lines = parse_split_lines(split_path.read_text().splitlines(), str(split_path))
+        else:
+            self.lines = parse_split_lines(split)
+        self.frame_ids = list(frame_ids)
+        if stereo and "s" not in self.frame_ids:
+            self.frame_ids.append("s")
+        if on_missing not in ("error", "drop"):
+            raise ValueError(f"on_missing must be 'error' or 'drop', got {on_missing!r}")
+        if image_ext not in ("auto", "png", "jpg"):
+            raise ValueError(f"image_ext must be 'auto', 'png' or 'jpg', got {image_ext!r}")
+        self.height, self.width = height, width
+        self.is_train = is_train
+        self.image_ext = image_ext
+        self.use_calib = use_calib
+        self.load_depth = load_depth
+        self.depth_definition = depth_definition
+        self.augment = augment or AugmentConfig()
+        self._calib_cache: dict = {}
+        self._stamp_cache: dict = {}
+        self.dropped: list[tuple[str, list[str]]] = []
+        self._check_files(on_missing)
+
+    # -- files ---------------------------------------------------------------------------
+    def _frame_path(self, folder: str, frame: int, side: str) -> pathlib.Path:
+        base = self.root / folder / f"image_0{SIDE_TO_CAM[side]}" / "data" / f"{frame:010d}"
+        if self.image_ext != "auto":
+            return base.with_suffix("." + self.image_ext)
+        png = base.with_suffix(".png")
+        if png.is_file():
+            return png
+        jpg = base.with_suffix(".jpg")
+        return jpg if jpg.is_file() else png
+
+    def _needed(self, folder: str, frame: int, side: str) -> dict:
+        """frame id -> (path, side) for one split line."""
+        other = "r" if side == "l" else "l"
+        out = {}
+        for fid in self.frame_ids:
+            if fid == "s":
+                out[fid] = (self._frame_path(folder, frame, other), other)
+            else:
+                out[fid] = (self._frame_path(folder, frame + int(fid), side), side)
+        return out
+
+    def _check_files(self, on_missing: str) -> None:
+        keep, problems = [], []
+        for folder, frame, side in self.lines:
+            missing = [str(p) for p, _ in self._needed(folder, frame, side).values() if not p.is_file()]
+            if self.use_calib:
+                for name in ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt"):
+                    p = self.root / folder.split("/")[0] / name
+                    if not p.is_file():
+                        missing.append(str(p))
+            if missing:
+                problems.append((f"{folder} {frame} {side}", missing))
+            else:
+                keep.append((folder, frame, side))
+        if problems and on_missing == "error":
+            shown = "\n".join(f"  {line}: missing {', '.join(m)}" for line, m in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more lines" if len(problems) > 20 else ""
+            raise KittiDataError(
+                f"{len(problems)} of {len(self.lines)} split lines lack files under {self.root} "
+                f"(pass on_missing='drop' to skip them):\n{shown}{more}"
+            )
+        if problems:
+            log.warning("KittiRawDataset: dropped %d of %d split lines with missing files (see .dropped)",
+                        len(problems), len(self.lines))
+        self.dropped = problems
+        self.lines = keep
+
+    def _calib(self, date: str, cam: int):
+        key = (date, cam)
+        if key not in self._calib_cache:
+            self._calib_cache[key] = load_kitti_calib(self.root / date, cam)
+        return self._calib_cache[key]
+
+    # -- samples -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, index: int) -> dict:
+        folder, frame, side = self.lines[index]
+        date = folder.split("/")[0]
+        images = {fid: load_rgb(path) for fid, (path, _) in self._needed(folder, frame, side).items()}
+        h0, w0 = images[0].shape[:2]
+        baseline = None
+        if self.use_calib:
+            calib = self._calib(date, SIDE_TO_CAM[side])
+            K = calib.K
+            if "s" in images:
+                baseline = stereo_baseline(self.root / date)
+        else:
+            K = normalised_kitti_K(w0, h0)
+            baseline = KITTI_BASELINE_M
+        draw = draw_augmentation(self.augment, self.is_train)
+        sample = build_sample(images, K, self.height, self.width, draw, baseline,
+                              side_sign=-1.0 if side == "l" else 1.0)
+        if self.load_depth:
+            sample["depth_gt"] = self._depth(folder, frame, side, (w0, h0), draw.flip)
+        sample["index"] = index
+        sample["name"] = f"{folder} {frame:010d} {side}"
+        sample["stamp"] = self._stamp(folder, frame, side)
+        return sample
+
+    def _stamp(self, folder: str, frame: int, side: str) -> int:
+        """Capture time in ns from the drive's timestamps.txt; -1 where the file lacks it."""
+        key = (folder, side)
+        if key not in self._stamp_cache:
+            path = self.root / folder / f"image_0{SIDE_TO_CAM[side]}" / "timestamps.txt"
+            self._stamp_cache[key] = read_kitti_timestamps(path) if path.is_file() else []
+        stamps = self._stamp_cache[key]
+        return stamps[frame] if 0 <= frame < len(stamps) else -1
+
+    def _depth(self, folder: str, frame: int, side: str, size, flip: bool) -> torch.Tensor:
+        from diffsql_model.data.ground_truth import kitti_velodyne_path, read_velodyne_bin, velodyne_depth_map
+
+        calib = self._calib(folder.split("/")[0], SIDE_TO_CAM[side])
+        points = read_velodyne_bin(kitti_velodyne_path(self.root, folder, frame))
+        depth = velodyne_depth_map(points, calib, size, self.depth_definition)
+        if flip:
+            depth = depth[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(depth))[None]
