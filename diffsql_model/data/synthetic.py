@@ -1,0 +1,269 @@
+"""Procedural synthetic driving sequences with exact depth and poses (numpy ray casting).
+
+The world uses the camera's optical axes at the start pose: x right, y DOWN, z forward; the
+ground is the plane y = camera_height. Geometry is a road lined with building blocks, parked
+cars and poles, all axis-aligned boxes; anything farther than `far` (or no hit) is sky, whose
+depth is 0 = invalid (the KITTI ground-truth convention). Textures are functions of world
+coordinates (value noise of several frequencies, lane marks, windows, bands) and shading
+depends only on the surface normal, so every surface looks the same from every frame: warping
+a frame with the true depth and relative pose reproduces its neighbour. Pixel (u, v) has its
+centre at integer coordinates, the convention of `diffsql_model.geometry`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..yaml_config import ConfigError, YamlConfig
+
+# KITTI-like velodyne mount: x forward, y left, z up; 0.27 m behind and 0.08 m above the camera.
+T_VELO_TO_CAM = np.array([[0.0, -1.0, 0.0, 0.0],
+                          [0.0, 0.0, -1.0, -0.08],
+                          [1.0, 0.0, 0.0, -0.27],
+                          [0.0, 0.0, 0.0, 1.0]])
+_SUN = np.array([0.4, -0.8, -0.45]) / np.linalg.norm([0.4, -0.8, -0.45])  # towards the sun
+_HAZE = np.array([0.75, 0.8, 0.85])
+GROUND, BUILDING, CAR, POLE = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class SyntheticConfig(YamlConfig):
+    """One procedural drive: image size, KITTI-style normalised intrinsics, motion, scene seed."""
+
+    width: int = 640
+    height: int = 192
+    num_frames: int = 20
+    seed: int = 0
+    speed: float = 10.0  # m/s, varied +-15 % along the drive
+    fps: float = 10.0
+    fx_ratio: float = 0.58  # fx = fx_ratio * width (KITTI normalised intrinsics)
+    fy_ratio: float = 1.92
+    camera_height: float = 1.65
+    baseline: float = 0.54  # right camera offset along +x, metres
+    far: float = 150.0  # hits beyond this are sky (depth 0)
+    sway_amplitude: float = 1.0  # lateral weave of the path, metres (gives small turns)
+    sway_period: float = 60.0  # metres of travel per weave
+
+    def __post_init__(self):
+        if self.width < 8 or self.height < 8:
+            raise ConfigError(f"synthetic image must be at least 8x8, got {self.width}x{self.height}")
+        if self.num_frames < 1 or self.fps <= 0 or self.speed < 0 or self.far <= 0:
+            raise ConfigError("synthetic: num_frames >= 1, fps > 0, speed >= 0, far > 0 required")
+
+    @property
+    def K(self) -> np.ndarray:
+        return np.array([[self.fx_ratio * self.width, 0, 0.5 * self.width],
+                         [0, self.fy_ratio * self.height, 0.5 * self.height],
+                         [0, 0, 1.0]])
+
+
+@dataclasses.dataclass
+class Drive:
+    """A rendered drive; arrays are stacked over frames."""
+
+    rgb: np.ndarray  # N x H x W x 3 uint8, left camera
+    rgb_right: np.ndarray  # N x H x W x 3 uint8
+    depth: np.ndarray  # N x H x W float32, camera z in metres, 0 = sky/invalid
+    depth_right: np.ndarray
+    pose: np.ndarray  # N x 4 x 4 left camera-to-world
+    K: np.ndarray  # 3 x 3
+    stamps: np.ndarray  # N seconds
+    baseline: float
+    T_velo_to_cam: np.ndarray  # 4 x 4
+
+    def relative_pose(self, target: int, source: int) -> np.ndarray:
+        """4x4 T mapping target-camera points into the source camera (X_src = T X_tgt)."""
+        return np.linalg.inv(self.pose[source]) @ self.pose[target]
+
+    @property
+    def stereo_T(self) -> np.ndarray:
+        """4x4 left-camera points -> right camera (the right camera sits at +baseline x)."""
+        T = np.eye(4)
+        T[0, 3] = -self.baseline
+        return T
+
+
+class SyntheticScene:
+    """Boxes along a straight road, their textures, and a ray caster for one camera pose."""
+
+    def __init__(self, cfg: SyntheticConfig, z_end: float):
+        self.cfg = cfg
+        rng = np.random.default_rng(cfg.seed)
+        self.noise_table = rng.random((256, 256)).astype(np.float32)
+        h = cfg.camera_height
+        boxes, kinds, colors = [], [], []
+
+        def add(x0, x1, y0, y1, z0, z1, kind, color):
+            boxes.append([min(x0, x1), min(y0, y1), min(z0, z1), max(x0, x1), max(y0, y1), max(z0, z1)])
+            kinds.append(kind)
+            colors.append(color)
+
+        z_lo, z_hi = -30.0, z_end + cfg.far
+        for side in (-1.0, 1.0):
+            z = z_lo
+            while z < z_hi:  # building blocks with occasional gaps
+                length = rng.uniform(8, 25)
+                if rng.random() > 0.2:
+                    front = rng.uniform(7, 13)
+                    add(side * front, side * (front + 8), h - rng.uniform(5, 18), h, z, z + length,
+                        BUILDING, rng.uniform(0.35, 0.85, 3))
+                z += length + rng.uniform(0.5, 3.0)
+            z = z_lo
+            while z < z_hi:  # parked cars
+                z += rng.uniform(6, 20)
+                if rng.random() < 0.6:
+                    xc = side * rng.uniform(3.6, 4.4)
+                    add(xc - 0.9, xc + 0.9, h - 1.5, h, z, z + 4.2, CAR, rng.uniform(0.1, 0.9, 3))
+            z = z_lo + rng.uniform(0, 10)
+            while z < z_hi:  # poles
+                add(side * 5.4, side * 5.65, h - 7.0, h, z, z + 0.25, POLE, np.full(3, 0.55))
+                z += rng.uniform(12, 25)
+        self.boxes = np.array(boxes, dtype=np.float64)
+        self.kinds = np.array(kinds, dtype=np.int64)
+        self.colors = np.array(colors, dtype=np.float32)
+        K = cfg.K
+        u, v = np.meshgrid(np.arange(cfg.width), np.arange(cfg.height))
+        self.rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1],
+                              np.ones_like(u, dtype=np.float64)])  # 3 x H x W, camera z = 1
+
+    def _noise(self, s: np.ndarray, t: np.ndarray, freq: float) -> np.ndarray:
+        """Smooth value noise in [0, 1] on a 1/freq metre lattice."""
+        x, y = s * freq, t * freq
+        ix, iy = np.floor(x), np.floor(y)
+        fx, fy = x - ix, y - iy
+        fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+        ix, iy = ix.astype(np.int64) & 255, iy.astype(np.int64) & 255
+        tab = self.noise_table
+        a = tab[ix, iy] * (1 - fx) + tab[(ix + 1) & 255, iy] * fx
+        b = tab[ix, (iy + 1) & 255] * (1 - fx) + tab[(ix + 1) & 255, (iy + 1) & 255] * fx
+        return a * (1 - fy) + b * fy
+
+    def _texture(self, P, axis, obj, footprint):
+        """Albedo (N x 3) at world points P (3 x N) on faces with normal `axis`, object `obj` (-1 ground)."""
+        x, y, z = P
+        s = np.where(axis == 0, z, x)
+        t = np.where(axis == 1, z, y)
+        kind = np.where(obj < 0, GROUND, self.kinds[np.maximum(obj, 0)])
+        base = np.where((obj < 0)[:, None], 0.42, self.colors[np.maximum(obj, 0)])
+        tex = np.zeros_like(s)
+        for freq, amp in ((0.35, 0.5), (1.3, 0.3), (4.0, 0.2)):
+            # Fade octaves finer than ~3 pixels to limit aliasing (almost view-independent).
+            lod = np.clip(1.5 - 3.0 * freq * footprint, 0.0, 1.0)
+            tex += amp * (lod * self._noise(s + 17.0 * freq, t, freq) + (1 - lod) * 0.5)
+        albedo = base * (0.45 + 1.1 * tex)[:, None]
+        g = kind == GROUND
+        side = g & (np.abs(x) > 4.6)  # pavement tiles
+        albedo[side] *= np.where((np.floor(x[side]) + np.floor(z[side])) % 2 == 0, 1.35, 1.05)[:, None]
+        lane = g & (np.abs(x) < 0.08) & (np.mod(z, 6.0) < 3.0)
+        edge = g & (np.abs(np.abs(x) - 3.2) < 0.08)
+        albedo[lane | edge] = 0.92
+        b = kind == BUILDING
+        up = self.cfg.camera_height - y  # height above ground
+        win = b & (axis != 1) & (np.mod(s, 3.0) > 0.8) & (np.mod(s, 3.0) < 2.2) \
+            & (np.mod(up, 3.2) > 1.0) & (np.mod(up, 3.2) < 2.4)
+        albedo[win] = albedo[win] * 0.3 + np.array([0.05, 0.1, 0.2])
+        band = (kind == POLE) & (np.mod(up, 1.0) < 0.25)
+        albedo[band] *= 0.4
+        return np.clip(albedo, 0, 1)
+
+    def render(self, pose: np.ndarray):
+        """Camera-to-world pose 4x4 -> (rgb H x W x 3 uint8, depth H x W float32, 0 = sky)."""
+        cfg = self.cfg
+        H, W = cfg.height, cfg.width
+        R, o = pose[:3, :3], pose[:3, 3]
+        d = np.einsum("ij,jhw->ihw", R, self.rays)  # world ray directions, camera-z step 1
+        depth = np.full((H, W), np.inf)
+        obj = np.full((H, W), -2, dtype=np.int64)  # -2 sky, -1 ground, >= 0 box
+        axis = np.full((H, W), 1, dtype=np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tg = (cfg.camera_height - o[1]) / d[1]
+            ground = (d[1] > 1e-9) & (tg > 0)
+            depth[ground], obj[ground] = tg[ground], -1
+            inv_d = 1.0 / d
+            w2c = np.linalg.inv(pose)
+            K = cfg.K
+            for i, box in enumerate(self.boxes):
+                bb = self._bbox(box, w2c, K, H, W)
+                if bb is None:
+                    continue
+                r0, r1, c0, c1 = bb
+                sl = (slice(None), slice(r0, r1), slice(c0, c1))
+                t1 = (box[:3, None, None] - o[:, None, None]) * inv_d[sl]
+                t2 = (box[3:, None, None] - o[:, None, None]) * inv_d[sl]
+                tmin = np.minimum(t1, t2)
+                tnear = tmin.max(0)
+                tfar = np.maximum(t1, t2).min(0)
+                dsub = depth[r0:r1, c0:c1]
+                hit = (tnear <= tfar) & (tnear > 0.05) & (tnear < dsub)
+                dsub[hit] = tnear[hit]
+                obj[r0:r1, c0:c1][hit] = i
+                axis[r0:r1, c0:c1][hit] = tmin.argmax(0)[hit]
+        sky = ~(depth < cfg.far)
+        depth[sky], obj[sky] = 0.0, -2
+        rgb = np.empty((H, W, 3), dtype=np.float32)
+        m = ~sky
+        P = o[:, None] + d[:, m] * depth[m]
+        ax, ob, dep = axis[m], obj[m], depth[m]
+        footprint = dep / K[0, 0] * np.where(ob < 0, np.maximum(dep / cfg.camera_height, 1.0), 1.0)
+        albedo = self._texture(P, ax, ob, footprint)
+        normal_sign = -np.sign(d[ax, m])
+        shade = 0.55 + 0.45 * np.clip(normal_sign * _SUN[ax], 0, 1)
+        fog = np.exp(-dep / 400.0)[:, None]
+        rgb[m] = albedo * shade[:, None] * fog + _HAZE * (1 - fog)
+        elev = np.clip(-d[1, sky] / np.linalg.norm(d[:, sky], axis=0), 0, 1)
+        rgb[sky] = _HAZE + elev[:, None] * (np.array([0.35, 0.55, 0.9]) - _HAZE) * 3
+        rgb = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
+        return rgb, depth.astype(np.float32)
+
+    @staticmethod
+    def _bbox(box, w2c, K, H, W):
+        """Pixel rows/cols a box can cover (whole image if it straddles the camera plane)."""
+        c = np.array(np.meshgrid(*[[box[a], box[a + 3]] for a in range(3)])).reshape(3, -1)
+        cam = w2c[:3, :3] @ c + w2c[:3, 3:]
+        if (cam[2] <= 0.05).all():
+            return None
+        if (cam[2] <= 0.05).any():
+            return 0, H, 0, W
+        uv = (K @ cam)[:2] / cam[2]
+        c0, c1 = int(np.floor(uv[0].min())), int(np.ceil(uv[0].max())) + 1
+        r0, r1 = int(np.floor(uv[1].min())), int(np.ceil(uv[1].max())) + 1
+        c0, c1, r0, r1 = max(c0, 0), min(c1, W), max(r0, 0), min(r1, H)
+        if c0 >= c1 or r0 >= r1:
+            return None
+        return r0, r1, c0, c1
+
+
+def trajectory(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(poses N x 4 x 4 camera-to-world, stamps N): forward with speed changes and gentle turns."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    n = np.arange(cfg.num_frames)
+    speed = cfg.speed * (1 + 0.15 * np.sin(2 * np.pi * n / 37.0 + phase[0]))
+    z = np.concatenate([[0.0], np.cumsum(speed[:-1] / cfg.fps)])
+    k = 2 * np.pi / cfg.sway_period
+    x = cfg.sway_amplitude * np.sin(k * z + phase[1])
+    yaw = np.arctan(cfg.sway_amplitude * k * np.cos(k * z + phase[1]))  # heading follows the path
+    poses = np.tile(np.eye(4), (cfg.num_frames, 1, 1))
+    c, s = np.cos(yaw), np.sin(yaw)
+    poses[:, 0, 0], poses[:, 0, 2], poses[:, 2, 0], poses[:, 2, 2] = c, s, -s, c  # about y (down)
+    poses[:, 0, 3], poses[:, 2, 3] = x, z
+    return poses, n / cfg.fps
+
+
+def render_drive(cfg: SyntheticConfig) -> Drive:
+    """Render every frame of the drive (left and right cameras) with exact depth and poses."""
+    poses, stamps = trajectory(cfg)
+    scene = SyntheticScene(cfg, z_end=float(poses[-1, 2, 3]))
+    right = np.eye(4)
+    right[0, 3] = cfg.baseline
+    left_frames = [scene.render(p) for p in poses]
+    right_frames = [scene.render(p @ right) for p in poses]
+    return Drive(
+        rgb=np.stack([f[0] for f in left_frames]), rgb_right=np.stack([f[0] for f in right_frames]),
+        depth=np.stack([f[1] for f in left_frames]), depth_right=np.stack([f[1] for f in right_frames]),
+        pose=poses, K=cfg.K, stamps=stamps, baseline=cfg.baseline, T_velo_to_cam=T_VELO_TO_CAM.copy())
+
+
+# File writers live in synthetic_kitti.py (imported last: it needs Drive from this module).
+from .synthetic_kitti import points_lidar, write_kitti_layout, write_split  # noqa: E402,F401
