@@ -1,0 +1,76 @@
+"""Training and validation datasets named by a DataConfig (KITTI raw, ROS bags, image folders)."""
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from ..config import ModelConfig
+from ..yaml_config import ConfigError
+from .config import DataConfig
+
+
+class WithDepthPng(torch.utils.data.Dataset):
+    """A KittiRawDataset whose samples get "depth_gt" from KITTI depth PNGs (improved ground
+    truth layout `<depth_root>/{train,val}/<drive>/proj_depth/groundtruth/image_0X/<frame>.png`)."""
+
+    def __init__(self, base, depth_root: str | pathlib.Path):
+        from ..eval.protocols import SplitLine, benchmark_gt_path
+
+        self.base = base
+        self.paths = [benchmark_gt_path(pathlib.Path(depth_root), SplitLine(folder, frame, side))
+                      for folder, frame, side in base.lines]  # fails now, naming a missing PNG
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data.ground_truth import read_depth_png
+
+        sample = self.base[i]
+        sample["depth_gt"] = torch.from_numpy(read_depth_png(self.paths[i]))[None]
+        return sample
+
+
+def _require(value, what: str):
+    if not value:
+        raise ConfigError(f"data.{what} is required for data.kind")
+    return value
+
+
+def build_datasets(cfg: DataConfig, model_cfg: ModelConfig):
+    """(train set, validation set or None) at the model's input size."""
+    size = {"height": model_cfg.height, "width": model_cfg.width}
+    temporal = [0] + cfg.temporal_ids
+    if cfg.kind == "kitti":
+        from ..data.kitti import KittiRawDataset
+
+        root = _require(cfg.root, "root")
+        train = KittiRawDataset(root, _require(cfg.train_split, "train_split"), frame_ids=temporal,
+                                stereo=cfg.stereo, is_train=True, **size, **cfg.options)
+        val = None
+        if cfg.val_split:
+            val = KittiRawDataset(cfg.val_root or root, cfg.val_split, frame_ids=[0], is_train=False,
+                                  load_depth=cfg.depth_root is None, **size)
+            if cfg.depth_root:
+                val = WithDepthPng(val, cfg.depth_root)
+        return train, val
+    if cfg.kind == "bag":
+        from ..data.bags import BagDataset
+
+        if cfg.stereo:
+            raise ConfigError("data.kind=bag has no stereo partner: drop 's' from data.frame_ids")
+        kwargs = dict(cfg.options)
+        if cfg.camera_topic:
+            kwargs["image_topic"] = cfg.camera_topic
+        train = BagDataset(_require(cfg.root, "root"), frame_ids=temporal, is_train=True, **size, **kwargs)
+        return train, None
+    if cfg.kind == "folder":
+        from ..data.folder import ImageFolderDataset
+
+        if cfg.stereo:
+            raise ConfigError("data.kind=folder has no stereo partner: drop 's' from data.frame_ids")
+        train = ImageFolderDataset(_require(cfg.root, "root"), frame_ids=temporal, is_train=True,
+                                   **size, **cfg.options)
+        return train, None
+    raise ConfigError(f"unknown data.kind {cfg.kind!r}")

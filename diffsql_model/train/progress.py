@@ -1,0 +1,94 @@
+"""Rank-0 reporting of a training run: tqdm bar (loss, images/s, ETA), TensorBoard scalars and
+image grids, the share of step time spent waiting for data, a JSON summary."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+
+
+class RunLogger:
+    def __init__(self, trainer, enabled: bool = True):
+        self.t = trainer
+        self.enabled = enabled
+        self.batch_images = trainer.cfg.optim.batch_size * trainer.ctx.world_size
+        self.recent = collections.deque(maxlen=20)  # (wait, fwd, bwd, total) of the last steps
+        self.waited = self.total = 0.0
+        self.images = 0
+        self.bar = self.writer = None
+        if not enabled:
+            return
+        trainer.out.mkdir(parents=True, exist_ok=True)
+        trainer.cfg.save_yaml(trainer.out / "train_config.yaml")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(trainer.out / "tensorboard"), purge_step=trainer.step or None)
+        if trainer.cfg.runtime.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.total_steps(), initial=trainer.step, unit="step",
+                            desc=trainer.cfg.name, dynamic_ncols=True)
+
+    def images_per_s(self) -> float:
+        return self.images / self.total if self.total > 0 else 0.0
+
+    def step(self, batch, outputs, losses, wait, t_fwd, t_bwd, t_total, total_steps) -> None:
+        if not self.enabled:
+            return
+        self.recent.append((wait, t_fwd, t_bwd, t_total))
+        self.waited += wait
+        self.total += t_total
+        self.images += self.batch_images
+        t, rt = self.t, self.t.cfg.runtime
+        loss = float(losses["loss"].detach())
+        recent_total = sum(r[3] for r in self.recent)
+        ips = self.batch_images * len(self.recent) / max(recent_total, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}",
+                                 wait=f"{self.waited / max(self.total, 1e-9):.0%}")
+        if t.step % rt.log_every == 0 or t.step == total_steps:
+            w = self.writer
+            w.add_scalar("train/loss", loss, t.step)
+            for key in ("photometric", "smoothness", "automask_fraction"):
+                if key in losses:
+                    w.add_scalar(f"train/{key}", float(losses[key]), t.step)
+            w.add_scalar("train/lr", t.optimizer.param_groups[0]["lr"], t.step)
+            w.add_scalar("speed/images_per_s", ips, t.step)
+            n = len(self.recent)
+            w.add_scalar("speed/data_wait_fraction", sum(r[0] for r in self.recent) / max(recent_total, 1e-9), t.step)
+            w.add_scalar("speed/forward_s", sum(r[1] for r in self.recent) / n, t.step)
+            w.add_scalar("speed/backward_s", sum(r[2] for r in self.recent) / n, t.step)
+        if rt.image_every and t.step % rt.image_every == 0:
+            from .validate import image_grid
+
+            self.writer.add_image("train/input_depth_uncertainty", image_grid(
+                batch[("color", 0)], outputs["depth"], outputs["uncertainty"]), t.step)
+
+    def validation(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"val/{key}", value, self.t.step)
+        msg = (f"step {self.t.step}: val AbsRel {metrics['abs_rel']:.4f} RMSE {metrics['rmse']:.3f} "
+               f"d1 {metrics['a1']:.3f} ({metrics['frames']} frames, scale {metrics['scale_median']:.3g})")
+        (self.bar.write if self.bar is not None else print)(msg)
+
+    def close(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        frac = summary["data_wait_fraction"]
+        print(f"trained to step {summary['step']} (epoch {summary['epoch']}) in "
+              f"{summary['train_seconds']:.1f} s; {summary['images_per_s']:.2f} images/s; "
+              f"{frac:.1%} of step time waiting for data", flush=True)
+        self.writer.add_scalar("speed/data_wait_fraction_run", frac, self.t.step)
+        self.writer.flush()
+        self.writer.close()
+        (self.t.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+
+
