@@ -1,0 +1,97 @@
+"""The depth node's parameters: one table with defaults, descriptions, ranges and choices.
+
+`config/depth.yaml` sets these; read-only ones need a restart (they rebuild the model or the
+subscriptions), the rest change at runtime (`ros2 param set`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+from diffsql_model.inference import DEVICES, PRECISIONS
+from diffsql_model.yaml_config import ConfigError
+from diffsql_ros.scale import SCALE_MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    choices: Optional[tuple] = None
+    range: Optional[tuple] = None  # (from, to, step); step 0 = continuous for floats
+    read_only: bool = False
+
+
+PARAMETERS = (
+    Param("checkpoint", "", "DiffSQL checkpoint (.pt from diffsql-train) to load", read_only=True),
+    Param("device", "auto", "auto (cuda when available), cuda or cpu", DEVICES, read_only=True),
+    Param("precision", "fp32", "fp32, fp16 (CUDA only) or bf16 autocast", tuple(PRECISIONS), read_only=True),
+    Param("input_height", 0, "network input height, multiple of 32; 0 = the checkpoint's", range=(0, 2048, 32),
+          read_only=True),
+    Param("input_width", 0, "network input width, multiple of 32; 0 = the checkpoint's", range=(0, 4096, 32),
+          read_only=True),
+    Param("image_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on "
+          "'image/compressed'", ("raw", "compressed"), read_only=True),
+    Param("input_qos", "sensor_data", "QoS of the image and camera_info subscriptions",
+          ("sensor_data", "reliable"), read_only=True),
+    Param("output_reliability", "reliable", "reliability of the outputs (reliable reaches every consumer)",
+          ("reliable", "best_effort"), read_only=True),
+    Param("diagnostics_period", 1.0, "seconds between /diagnostics messages", range=(0.1, 60.0, 0.0),
+          read_only=True),
+    Param("camera_info_tolerance", 0.005, "seconds: camera_info within this of the image stamp pairs with it, "
+          "else the latest camera_info is used", range=(0.0, 10.0, 0.0)),
+    Param("min_depth", 0.1, "metres: depth below is published as NaN", range=(0.0, 1000.0, 0.0)),
+    Param("max_depth", 80.0, "metres: depth above is published as NaN", range=(0.001, 10000.0, 0.0)),
+    Param("scale.mode", "relative", "relative (model units), fixed (times scale.factor), stereo (metric "
+          "MS-trained model times scale.stereo_factor), camera_height (ground-plane fit)", SCALE_MODES),
+    Param("scale.factor", 1.0, "metres per model unit in fixed mode", range=(1e-6, 1e6, 0.0)),
+    Param("scale.stereo_factor", 1.0, "stereo mode factor: 1 when trained with the baseline in metres",
+          range=(1e-6, 1e6, 0.0)),
+    Param("scale.camera_height", 1.65, "metres from the camera centre to the ground", range=(0.01, 100.0, 0.0)),
+    Param("scale.ground_fraction", 0.35, "lower fraction of the image searched for the ground plane",
+          range=(0.05, 1.0, 0.0)),
+    Param("scale.smoothing", 0.9, "weight of the previous scale (log-space EMA)", range=(0.0, 0.999, 0.0)),
+    Param("points.decimation", 1, "keep every n-th row and column of the cloud", range=(1, 16, 1)),
+    Param("points.min_range", 0.0, "metres: closer points are NaN", range=(0.0, 1000.0, 0.0)),
+    Param("points.max_range", 80.0, "metres: farther points are NaN", range=(0.0, 10000.0, 0.0)),
+    Param("points.max_uncertainty", 0.0, "points with uncertainty / depth above this are NaN; 0 = off",
+          range=(0.0, 100.0, 0.0)),
+    Param("points.rgb", True, "add packed rgb (point_step 32) to the cloud"),
+    Param("publish.depth", True, "publish depth (32FC1) and depth/camera_info"),
+    Param("publish.points", True, "publish points (PointCloud2)"),
+    Param("publish.uncertainty", True, "publish depth/uncertainty (32FC1, metres)"),
+    Param("publish.colored", True, "publish depth/colored (rgb8 colour map of inverse depth)"),
+)
+
+
+def _descriptor(p: Param) -> ParameterDescriptor:
+    text = p.description + (f" [{', '.join(p.choices)}]" if p.choices else "")
+    d = ParameterDescriptor(name=p.name, description=text, read_only=p.read_only)
+    if p.range is not None:
+        lo, hi, step = p.range
+        if isinstance(p.default, int):
+            d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=step)]
+        else:
+            d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=float(step))]
+    return d
+
+
+def declare_all(node) -> None:
+    for p in PARAMETERS:
+        node.declare_parameter(p.name, p.default, _descriptor(p))
+
+
+def validate(values: dict) -> None:
+    """Choices and cross-parameter rules rclpy ranges cannot express; ConfigError names the problem."""
+    for p in PARAMETERS:
+        if p.choices and values[p.name] not in p.choices:
+            raise ConfigError(f"parameter {p.name} must be one of {p.choices}, got {values[p.name]!r}")
+    if values["min_depth"] >= values["max_depth"]:
+        raise ConfigError(f"need min_depth < max_depth, got {values['min_depth']} >= {values['max_depth']}")
+    if values["points.min_range"] > values["points.max_range"]:
+        raise ConfigError("need points.min_range <= points.max_range")
+    if bool(values["input_height"]) != bool(values["input_width"]):
+        raise ConfigError("set both input_height and input_width, or neither (0 = the checkpoint's size)")

@@ -1,0 +1,138 @@
+"""Depth image -> PointCloud2 laid out as depth_image_proc does, and camera_info intrinsics.
+
+Layout: x, y, z float32 at offsets 0, 4, 8 (point_step 16), or + rgb float32 at 16 (point_step
+32, bytes b, g, r, 0 as PCL packs it); little-endian, is_dense False, organised height x width
+(a decimated grid keeps every n-th row and column). Points with invalid depth are NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
+
+
+class CameraInfoError(ValueError):
+    """camera_info that does not describe the image it is paired with."""
+
+
+def intrinsics_for_image(info: CameraInfo, width: int, height: int) -> np.ndarray:
+    """3x3 K in pixels of a width x height image, honouring binning, ROI and a uniform resize
+    of the calibrated image (e.g. an image_proc resize upstream that kept the old camera_info)."""
+    K = np.array(info.k, dtype=np.float64).reshape(3, 3)
+    if not (K[0, 0] > 0 and K[1, 1] > 0):
+        raise CameraInfoError(f"camera_info has no intrinsics (fx={K[0, 0]}, fy={K[1, 1]})")
+    bx, by = max(int(info.binning_x), 1), max(int(info.binning_y), 1)
+    roi = info.roi
+    cal_w, cal_h = int(info.width), int(info.height)
+    if roi.width > 0 and roi.height > 0:
+        # REP 104: the ROI is in full-resolution pixels, before binning.
+        K[0, 2] -= roi.x_offset
+        K[1, 2] -= roi.y_offset
+        cal_w, cal_h = int(roi.width), int(roi.height)
+    K[0] /= bx
+    K[1] /= by
+    cal_w, cal_h = cal_w // bx, cal_h // by
+    if cal_w <= 0 or cal_h <= 0:
+        raise CameraInfoError(f"camera_info size {info.width}x{info.height} is empty")
+    if (cal_w, cal_h) != (width, height):
+        sx, sy = width / cal_w, height / cal_h
+        if abs(sx / sy - 1.0) > 0.02:
+            raise CameraInfoError(
+                f"camera_info is {cal_w}x{cal_h}, image is {width}x{height}: not a uniform resize")
+        # Pixel-centre convention: u' + 0.5 = s (u + 0.5).
+        K[0, 0] *= sx
+        K[1, 1] *= sy
+        K[0, 1] *= sx
+        K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
+        K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+    return K
+
+
+def camera_info_for_image(info: CameraInfo, K: np.ndarray, width: int, height: int, header) -> CameraInfo:
+    """camera_info describing the depth image: the image's header and size, K (and P) in its pixels."""
+    out = CameraInfo()
+    out.header = header
+    out.width, out.height = int(width), int(height)
+    out.distortion_model = info.distortion_model
+    out.d = list(info.d)
+    out.r = list(info.r) if any(info.r) else [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    out.k = [float(v) for v in K.ravel()]
+    P = np.array(info.p, dtype=np.float64).reshape(3, 4)
+    K_in = np.array(info.k, dtype=np.float64).reshape(3, 3)
+    # Keep the projection's translation (stereo baseline term) in the new pixel units.
+    tx = P[:, 3] * (K[0, 0] / K_in[0, 0]) if K_in[0, 0] > 0 else P[:, 3]
+    out.p = [float(v) for v in np.hstack([K, tx[:, None]]).ravel()]
+    return out
+
+
+def _fields(rgb: bool) -> list[PointField]:
+    f = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, n in enumerate("xyz")]
+    if rgb:
+        f.append(PointField(name="rgb", offset=16, datatype=PointField.FLOAT32, count=1))
+    return f
+
+
+class PointCloudBuilder:
+    """Back-projects depth through K; the ray grid is cached per (K, size, decimation)."""
+
+    def __init__(self):
+        self._key = None
+        self._rays = None  # h' x w' x 2 float32: (u - cx)/fx, (v - cy)/fy on the decimated grid
+        self._buf = None
+
+    def _grid(self, K: np.ndarray, h: int, w: int, step: int):
+        key = (tuple(np.round(K.ravel(), 9)), h, w, step)
+        if key != self._key:
+            u = np.arange(0, w, step, dtype=np.float64)
+            v = np.arange(0, h, step, dtype=np.float64)
+            rays = np.empty((v.size, u.size, 2), np.float32)
+            rays[..., 0] = ((u - K[0, 2]) / K[0, 0])[None, :]
+            rays[..., 1] = ((v - K[1, 2]) / K[1, 1])[:, None]
+            self._key, self._rays = key, rays
+        return self._rays
+
+    def build(self, depth: np.ndarray, K: np.ndarray, header, valid: np.ndarray | None = None,
+              rgb: np.ndarray | None = None, decimation: int = 1) -> PointCloud2:
+        """depth HxW metres (NaN/<=0 invalid), valid HxW bool (extra mask), rgb HxWx3 uint8."""
+        s = max(int(decimation), 1)
+        h, w = depth.shape
+        rays = self._grid(K, h, w, s)
+        z = depth[::s, ::s]
+        ok = np.isfinite(z) & (z > 0)
+        if valid is not None:
+            ok &= valid[::s, ::s]
+        stride = 8 if rgb is not None else 4
+        shape = (rays.shape[0], rays.shape[1], stride)
+        if self._buf is None or self._buf.shape != shape:
+            self._buf = np.zeros(shape, np.float32)
+        pts = self._buf
+        zz = np.where(ok, z, np.float32(np.nan))
+        np.multiply(rays[..., 0], zz, out=pts[..., 0])
+        np.multiply(rays[..., 1], zz, out=pts[..., 1])
+        pts[..., 2] = zz
+        if rgb is not None:
+            c = rgb[::s, ::s].astype(np.uint32)
+            packed = (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]  # 0x00RRGGBB -> bytes b,g,r,0
+            pts[..., 4] = packed.view(np.float32)
+        msg = PointCloud2()
+        msg.header = header
+        msg.height, msg.width = shape[0], shape[1]
+        msg.fields = _fields(rgb is not None)
+        msg.is_bigendian = False
+        msg.point_step = 4 * stride
+        msg.row_step = msg.point_step * shape[1]
+        msg.is_dense = False
+        msg.data = pts.astype("<f4", copy=False).tobytes()
+        return msg
+
+
+def read_points(msg: PointCloud2) -> np.ndarray:
+    """Structured array (height x width) with the dtype the message's fields declare."""
+    types = {PointField.INT8: "i1", PointField.UINT8: "u1", PointField.INT16: "i2",
+             PointField.UINT16: "u2", PointField.INT32: "i4", PointField.UINT32: "u4",
+             PointField.FLOAT32: "f4", PointField.FLOAT64: "f8"}
+    order = ">" if msg.is_bigendian else "<"
+    dtype = np.dtype({"names": [f.name for f in msg.fields],
+                      "formats": [order + types[f.datatype] for f in msg.fields],
+                      "offsets": [f.offset for f in msg.fields], "itemsize": msg.point_step})
+    arr = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.row_step)
+    return arr[:, : msg.width * msg.point_step].copy().view(dtype).reshape(msg.height, msg.width)
