@@ -1,0 +1,56 @@
+"""PoseNet shapes and the axis-angle transform against hand-built rotations."""
+import math
+
+import pytest
+import torch
+
+from diffsql_model.pose_net import PoseNet, transformation_from_parameters
+
+
+def test_zero_parameters_give_identity():
+    T = transformation_from_parameters(torch.zeros(3, 1, 3), torch.zeros(3, 1, 3))
+    assert T.shape == (3, 4, 4)
+    assert torch.allclose(T, torch.eye(4).expand(3, 4, 4))
+
+
+def test_rotation_90_deg_about_y_and_inverse():
+    aa = torch.tensor([[0.0, math.pi / 2, 0.0]])
+    t = torch.tensor([[1.0, 2.0, 3.0]])
+    T = transformation_from_parameters(aa, t)
+    R = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # z axis -> x axis
+    assert torch.allclose(T[0, :3, :3], R, atol=1e-6)
+    assert torch.allclose(T[0, :3, 3], t[0])
+    # Point (0, 0, 1) -> R p + t = (1, 0, 0) + (1, 2, 3)
+    p = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert torch.allclose(T[0] @ p, torch.tensor([2.0, 2.0, 3.0, 1.0]), atol=1e-6)
+    T_inv = transformation_from_parameters(aa, t, invert=True)
+    assert torch.allclose(T_inv[0, :3, :3], R.T, atol=1e-6)
+    assert torch.allclose(T_inv[0, :3, 3], -R.T @ t[0], atol=1e-6)
+    assert torch.allclose(T_inv @ T, torch.eye(4).unsqueeze(0), atol=1e-6)
+    assert torch.allclose(T @ T_inv, torch.eye(4).unsqueeze(0), atol=1e-6)
+
+
+def test_posenet_shapes_small_outputs_and_gradients():
+    torch.manual_seed(0)
+    net = PoseNet(18)
+    assert net.encoder[0].weight.shape == (64, 6, 7, 7)
+    a, b = torch.rand(2, 3, 64, 96), torch.rand(2, 3, 64, 96)
+    axisangle, translation = net(a, b)
+    assert axisangle.shape == (2, 3) and translation.shape == (2, 3)
+    # The 0.01 output scale keeps the initial motion close to the identity.
+    assert axisangle.abs().max() < 0.05 and translation.abs().max() < 0.05
+    T_fwd = net.relative_pose(a, b, 1)
+    T_back = net.relative_pose(a, b, -1)
+    assert T_fwd.shape == T_back.shape == (2, 4, 4)
+    # A past source uses the inverted motion of (source, target).
+    aa, tt = net(b, a)
+    assert torch.allclose(T_back, transformation_from_parameters(aa, tt, invert=True), atol=1e-6)
+    T_fwd.sum().backward()
+    assert net.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_posenet_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_layers"):
+        PoseNet(num_layers=20)
+    with pytest.raises(ValueError, match="weights"):
+        PoseNet(weights="coco")
