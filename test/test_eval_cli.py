@@ -1,0 +1,230 @@
+"""diffsql-eval end to end on the real KITTI drive-0001 frames (eigen, eigen_benchmark, bag)."""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffsql_model.data import ground_truth as G
+from diffsql_model.data.calib import load_kitti_calib
+from diffsql_model.eval import cli
+from diffsql_model.eval import metrics as M
+from diffsql_model.eval import protocols as P
+
+DRIVE = "2011_09_26/2011_09_26_drive_0001_sync"
+EIGEN_FRAMES = (5, 25, 50, 45, 65, 85)  # 50 has an image and improved GT but no velodyne scan
+
+
+@pytest.fixture(scope="module")
+def kitti_shared_root(kitti_raw):
+    """The KITTI root holding raw/ and depth/ side by side."""
+    return kitti_raw.parent
+
+
+def write_split(tmp_path, frames, side="l", padded=True):
+    """Eigen lists pad frames to 10 digits, eigen_benchmark lists do not: both are read."""
+    path = tmp_path / "split.txt"
+    path.write_text("".join(f"{DRIVE} {f'{f:010d}' if padded else f} {side}\n" for f in frames))
+    return path
+
+
+def velo_gt(kitti_raw, frame, depth="velo_x"):
+    calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
+    return G.velodyne_depth_map(G.read_velodyne_bin(G.kitti_velodyne_path(kitti_raw, DRIVE, frame)), calib, depth=depth)
+
+
+def eigen_preds(kitti_raw, factor, depth="velo_x"):
+    """GT-derived predictions, one per split line; frame 50 (no scan) gets a constant map."""
+    return np.stack([velo_gt(kitti_raw, f, depth) * factor if f != 50 else np.full((375, 1242), 10.0, np.float32)
+                     for f in EIGEN_FRAMES])
+
+
+def run(tmp_path, *args):
+    out = tmp_path / "result.json"
+    rc = cli.main([*map(str, args), "--json", str(out)])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_eigen_median_scaling_recovers_gt(kitti_shared_root, kitti_raw, tmp_path, capsys):
+    split = write_split(tmp_path, EIGEN_FRAMES)
+    np.savez(tmp_path / "p.npz", depth=eigen_preds(kitti_raw, 2.0))
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                  "--predictions", tmp_path / "p.npz")
+    assert rc == 0
+    assert res["gt_depth"] == "velo_x" and res["n_frames_listed"] == 6 and res["n_frames"] == 5
+    assert res["missing"] == [{"frame": f"{DRIVE} 50 l", "reason": res["missing"][0]["reason"]}]
+    assert "velodyne scan not found" in res["missing"][0]["reason"]
+    m = res["metrics"]
+    assert m["abs_rel"] == pytest.approx(0, abs=1e-6) and m["rmse"] == pytest.approx(0, abs=1e-4)
+    assert (m["a1"], m["a2"], m["a3"]) == (1.0, 1.0, 1.0)
+    assert res["scaling"]["median"] == pytest.approx(0.5) and res["scaling"]["std"] == pytest.approx(0, abs=1e-7)
+    # every valid pixel: inside the Garg crop and 1e-3 < gt < 80
+    crop = M.garg_crop_mask(375, 1242)
+    expected = [int(((g > 1e-3) & (g < 80) & crop).sum()) for g in (velo_gt(kitti_raw, f) for f in EIGEN_FRAMES if f != 50)]
+    assert [f["n_valid"] for f in res["per_frame"]] == expected
+    printed = capsys.readouterr().out
+    assert "5 of 6 frames" in printed and "missing" in printed and "AbsRel" in printed
+
+
+def test_eigen_fixed_scale_hand_values(kitti_shared_root, kitti_raw, tmp_path):
+    split = write_split(tmp_path, EIGEN_FRAMES)
+    np.savez(tmp_path / "p.npz", depth=eigen_preds(kitti_raw, 1 / 1.5))
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                  "--predictions", tmp_path / "p.npz", "--scaling", "fixed", "--scale", "1")
+    assert rc == 0 and res["scaling"] == {"mode": "fixed", "scale": 1.0}
+    m = res["metrics"]
+    # pred = gt / 1.5: |gt - p| / gt = 1/3, log ratio = ln 1.5, ratio 1.5 in (1.25, 1.5625)
+    assert m["abs_rel"] == pytest.approx(1 / 3, abs=1e-5)
+    assert m["rmse_log"] == pytest.approx(math.log(1.5), abs=1e-5)
+    assert (m["a1"], m["a2"], m["a3"]) == (0.0, 1.0, 1.0)
+    # (gt - gt/1.5)^2 / gt = gt / 9: SqRel per frame = mean valid gt / 9
+    crop = M.garg_crop_mask(375, 1242)
+    for row, f in zip(res["per_frame"], (f for f in EIGEN_FRAMES if f != 50)):
+        g = velo_gt(kitti_raw, f)
+        assert row["sq_rel"] == pytest.approx(g[(g > 1e-3) & (g < 80) & crop].mean() / 9, rel=1e-4)
+
+
+def test_eigen_low_res_prediction_is_resized(kitti_raw, tmp_path):
+    # raw-only --data; constant 7 m maps at 96 x 320: after resizing and median scaling the
+    # prediction equals median(valid gt) everywhere
+    split = write_split(tmp_path, (5, 25))
+    np.savez(tmp_path / "p.npz", depth=np.full((2, 1, 96, 320), 7.0, np.float32))
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_raw, "--split-file", split,
+                  "--predictions", tmp_path / "p.npz")
+    assert rc == 0 and res["n_frames"] == 2
+    crop = M.garg_crop_mask(375, 1242)
+    for row, f in zip(res["per_frame"], (5, 25)):
+        g = velo_gt(kitti_raw, f)
+        g = g[(g > 1e-3) & (g < 80) & crop]
+        med = np.median(g)
+        assert row["ratio"] == pytest.approx(med / 7.0, rel=1e-5)
+        assert row["abs_rel"] == pytest.approx(np.mean(np.abs(g - med) / g), rel=1e-4)
+        assert row["a1"] == pytest.approx(np.mean(np.maximum(g / med, med / g) < 1.25), abs=1e-6)
+
+
+def test_eigen_cam_z_option_is_reported(kitti_shared_root, kitti_raw, tmp_path):
+    split = write_split(tmp_path, (5, 85))
+    np.savez(tmp_path / "p.npz", depth=np.stack([velo_gt(kitti_raw, f, "cam_z") for f in (5, 85)]))
+    args = ["--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+            "--predictions", tmp_path / "p.npz", "--scaling", "fixed"]
+    rc, res = run(tmp_path, *args, "--gt-depth", "cam_z")
+    assert rc == 0 and res["gt_depth"] == "cam_z" and res["metrics"]["abs_rel"] == pytest.approx(0, abs=1e-6)
+    rc, res = run(tmp_path, *args)  # the same maps against the standard velo_x ground truth
+    assert res["gt_depth"] == "velo_x"
+    assert 0.005 < res["metrics"]["abs_rel"] < 0.03  # ~0.28 m on depths of ~5-80 m
+
+
+def test_eigen_benchmark_improved_gt(kitti_shared_root, kitti_depth, tmp_path):
+    frames = (5, 50, 3, 100)  # frame 3 has no improved ground truth
+    split = write_split(tmp_path, frames, padded=False)
+    base = kitti_depth / "train" / DRIVE.split("/")[1] / "proj_depth" / "groundtruth" / "image_02"
+    preds = [G.read_depth_png(base / f"{f:010d}.png") * 2 if f != 3 else np.ones((375, 1242), np.float32)
+             for f in frames]
+    np.savez(tmp_path / "p.npz", depth=np.stack(preds))
+    rc, res = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
+                  "--predictions", tmp_path / "p.npz")
+    assert rc == 0 and res["n_frames"] == 3 and res["n_frames_listed"] == 4
+    assert [m["frame"] for m in res["missing"]] == [f"{DRIVE} 3 l"]
+    assert "improved ground truth" in res["missing"][0]["reason"]
+    assert res["metrics"]["abs_rel"] == pytest.approx(0, abs=1e-6) and res["scaling"]["median"] == pytest.approx(0.5)
+    # the depth folder itself is accepted as --data too
+    rc, res2 = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_depth, "--split-file", split,
+                   "--predictions", tmp_path / "p.npz")
+    assert rc == 0 and res2["n_frames"] == 3
+
+
+def test_object_array_predictions_of_mixed_sizes(kitti_shared_root, kitti_raw, tmp_path):
+    split = write_split(tmp_path, (5, 25))
+    maps = np.empty(2, dtype=object)
+    maps[0] = velo_gt(kitti_raw, 5) * 3
+    maps[1] = np.full((192, 640), 4.0, np.float32)
+    np.savez(tmp_path / "p.npz", depth=maps)
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                  "--predictions", tmp_path / "p.npz")
+    assert rc == 0 and res["per_frame"][0]["abs_rel"] == pytest.approx(0, abs=1e-6)
+    assert res["per_frame"][1]["ratio"] > 0
+
+
+def test_errors_are_clear(kitti_shared_root, kitti_raw, tmp_path, capsys):
+    split = write_split(tmp_path, (5, 25))
+    np.savez(tmp_path / "three.npz", depth=np.ones((3, 10, 10), np.float32))
+    base = ["--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split]
+    assert cli.main([*map(str, base), "--predictions", str(tmp_path / "three.npz")]) == 2
+    assert "3 depth maps" in capsys.readouterr().err
+    np.savez(tmp_path / "nodepth.npz", disp=np.ones((2, 10, 10)))
+    assert cli.main([*map(str, base), "--predictions", str(tmp_path / "nodepth.npz")]) == 2
+    assert "no array 'depth'" in capsys.readouterr().err
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "three.npz").read_bytes()[:100])
+    assert cli.main([*map(str, base), "--predictions", str(tmp_path / "cut.npz")]) == 2
+    assert "truncated" in capsys.readouterr().err
+    np.savez(tmp_path / "nan.npz", depth=np.full((2, 375, 1242), np.nan, np.float32))
+    assert cli.main([*map(str, base), "--predictions", str(tmp_path / "nan.npz")]) == 2
+    assert "NaN" in capsys.readouterr().err
+    # missing calibration: a raw folder holding the drive but not the day's calibration files
+    raw = tmp_path / "raw" / "2011_09_26"
+    raw.mkdir(parents=True)
+    (raw / DRIVE.split("/")[1]).symlink_to(kitti_raw / DRIVE)
+    np.savez(tmp_path / "two.npz", depth=np.ones((2, 10, 10), np.float32))
+    assert cli.main(["--protocol", "eigen", "--data", str(tmp_path / "raw"), "--split-file", str(split),
+                     "--predictions", str(tmp_path / "two.npz")]) == 2
+    assert "calib_cam_to_cam.txt" in capsys.readouterr().err
+    (tmp_path / "bad_split.txt").write_text(f"{DRIVE} 5\n")
+    assert cli.main([*map(str, base[:4]), "--split-file", str(tmp_path / "bad_split.txt"),
+                     "--predictions", str(tmp_path / "two.npz")]) == 2
+    assert "bad_split.txt:1" in capsys.readouterr().err
+
+
+def test_console_script_subprocess(kitti_shared_root, kitti_raw, tmp_path):
+    split = write_split(tmp_path, (5, 50))
+    np.savez(tmp_path / "p.npz", depth=np.stack([velo_gt(kitti_raw, 5) * 2, np.ones((375, 1242), np.float32)]))
+    out = tmp_path / "r.json"
+    script = pathlib.Path(sys.executable).parent / "diffsql-eval"  # the installed console script
+    proc = subprocess.run([str(script), "--protocol", "eigen", "--data",
+                           str(kitti_shared_root), "--split-file", str(split), "--predictions",
+                           str(tmp_path / "p.npz"), "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 2 frames" in proc.stdout and "0000000050.bin" in proc.stdout
+    header, row = [ln for ln in proc.stdout.splitlines() if "AbsRel" in ln or ln.strip().startswith("0.000")][:2]
+    assert header.split() == ["AbsRel", "SqRel", "RMSE", "RMSElog", "d1", "d2", "d3"]
+    assert [float(v) for v in row.split()] == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert json.loads(out.read_text())["n_frames"] == 1
+
+
+def test_bag_samples_protocol(kitti_raw):
+    images = {f: np.full((375, 1242, 3), f, np.uint8) for f in (5, 25)}  # tagged so predict_fn knows the frame
+    gts = {f: velo_gt(kitti_raw, f, "cam_z") for f in (5, 25)}
+    samples = [(images[5], gts[5], "t=0.5"), (images[25], None, "t=2.5"), (images[25], gts[25])]
+    res = P.evaluate_bag_samples(samples, lambda img: gts[int(img[0, 0, 0])] * 5.0)
+    assert res["protocol"] == "bag" and res["n_frames_listed"] == 3 and res["n_frames"] == 2
+    assert res["missing"][0]["frame"] == "t=2.5" and res["per_frame"][1]["frame"] == "sample 2"
+    assert res["metrics"]["abs_rel"] == pytest.approx(0, abs=1e-6) and res["scaling"]["median"] == pytest.approx(0.2)
+    assert res["settings"]["garg_crop"] is False  # a robot camera: no KITTI crop
+
+
+def test_checkpoint_inference(kitti_shared_root, tmp_path):
+    """--checkpoint: a small real DiffSQL network (lite preset, 64 x 192 input) run on the images."""
+    import torch
+
+    from diffsql_model.checkpoint import build_model, save_checkpoint
+    from diffsql_model.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("lite")
+    cfg.height, cfg.width = 64, 192
+    model = build_model(cfg)
+    save_checkpoint(tmp_path / "m.pt", {"model_config": cfg.to_dict(), "model": model.state_dict()})
+    split = write_split(tmp_path, (5, 50, 25))
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                  "--checkpoint", tmp_path / "m.pt", "--device", "cpu", "--batch-size", "2")
+    assert rc == 0 and res["n_frames"] == 2 and res["checkpoint"].endswith("m.pt")
+    assert [m["frame"] for m in res["missing"]] == [f"{DRIVE} 50 l"]
+    m = res["metrics"]
+    assert all(np.isfinite(v) for v in m.values()) and 0 < m["abs_rel"] < 10 and 0 <= m["a1"] <= 1
+    # a corrupt checkpoint is a clear error, not a traceback
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    rc, _ = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                "--checkpoint", tmp_path / "bad.pt", "--device", "cpu")
+    assert rc == 2
