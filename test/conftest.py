@@ -42,3 +42,13 @@ def make3d_dir(shared_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def splits_dir(shared_dir) -> pathlib.Path:
     return SPLITS
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny Stable Diffusion diffusers folder: vae/, unet/, text_encoder/, tokenizer/."""
+    from diffsql_model.tiny_sd import build_tiny_sd_folder
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    build_tiny_sd_folder(path)
+    return path
