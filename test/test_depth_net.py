@@ -195,3 +195,16 @@ def test_load_model_never_fetches_imagenet(tmp_path, monkeypatch):
     loaded, loaded_cfg = load_model(tmp_path / "r18.pt")
     assert loaded_cfg.weights == "imagenet"
     torch.testing.assert_close(loaded.encoder.conv1.weight, model.encoder.conv1.weight)
+
+
+@needs_sd
+def test_checkpoint_round_trip_with_sd(tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("tiny_sd")
+    model = DiffSQLDepth(cfg).eval()
+    save_checkpoint(tmp_path / "sd.pt", {"model_config": cfg.to_dict(), "model": model.state_dict()})
+    loaded, loaded_cfg = load_model(tmp_path / "sd.pt")
+    img = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = model(img), loaded(img)
+    assert loaded_cfg == cfg and all(torch.equal(a[k], b[k]) for k in a)
