@@ -72,8 +72,10 @@ def open_bag(path):
         reader = AnyReader([path], default_typestore=get_bag_typestore(ros1))
         reader.open()
     except Exception as err:  # rosbags raises several reader error types, all meaning "unreadable"
-        raise BagError(f"cannot open bag {path}: {type(err).__name__}: {err} "
-                       f"(truncated or corrupt bag? a ROS 1 bag must end in .bag)") from err
+        hint = ("a ROS 1 bag file must end in .bag" if path.is_file() and not ros1 else
+                "truncated or corrupt? rosbags needs an intact index/footer; `rosbag reindex` (ROS 1) "
+                "or `ros2 bag reindex` (sqlite3) may recover the frames before the damage")
+        raise BagError(f"cannot open bag {path}: {type(err).__name__}: {err} ({hint})") from err
     try:
         yield reader
     finally:

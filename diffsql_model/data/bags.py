@@ -197,6 +197,7 @@ class BagDataset(torch.utils.data.Dataset):
             sample["has_depth_gt"] = j is not None
         sample["index"] = i
         sample["stamp"] = t0
+        sample["name"] = f"{self.images.topic} {i}"
         return sample
 
 
