@@ -1,0 +1,348 @@
+"""`diffsql-bag-eval`: replay a bag through the real depth node and score it against the LiDAR.
+
+  diffsql-bag-eval drive.bag --checkpoint model.pt --max-rate --json out.json --report out/
+
+The bag's camera topics are published with their recorded headers; the depth node runs as its
+own process (`python -m diffsql_ros.depth_node` with config/depth.yaml and the checkpoint
+override, as on a robot); an in-process evaluator node pairs each depth image with the bag's
+nearest LiDAR scan and scores it with the protocol code of `diffsql-eval --protocol bag`.
+
+Timing: `--rate R` publishes at R x the recorded timing (the node drops what it cannot keep
+up with); `--max-rate` (default) publishes the next frame as soon as the depth of the previous
+one arrived, or after `--timeout` seconds (that frame counts as dropped): bounded and
+deterministic. With `--report`, a few sample frames are replayed once more afterwards with the
+uncertainty and point-cloud outputs subscribed, for the pictures; latency is measured in the
+main pass, where `depth` is the node's only subscribed output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from diffsql_model.eval import metrics as M
+from diffsql_model.eval import protocols as P
+from diffsql_ros import bag_player as BP
+from diffsql_ros.bag_player import GroundTruth, parse_extrinsic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def default_params_file() -> pathlib.Path:
+    """config/depth.yaml of this checkout, else of the installed package share folder."""
+    local = ROOT / "config" / "depth.yaml"
+    if local.is_file():
+        return local
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return pathlib.Path(get_package_share_directory("diffsql_ros")) / "config" / "depth.yaml"
+    except Exception:
+        return local
+
+
+def ros_env() -> dict:
+    """Environment of every ROS process started here: DDS stays on loopback unless told otherwise."""
+    env = dict(os.environ)
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    return env
+
+
+class NodeProcess:
+    """The depth node as a child process; its log goes to a file shown when it fails."""
+
+    def __init__(self, namespace: str, checkpoint: pathlib.Path, params_file: pathlib.Path,
+                 compressed: bool, extra_params=(), log_path: Optional[pathlib.Path] = None):
+        if not params_file.is_file():
+            raise FileNotFoundError(f"depth node parameters not found: {params_file}")
+        self.cmd = [sys.executable, "-m", "diffsql_ros.depth_node", "--ros-args",
+                    "-r", f"__ns:={namespace}", "--params-file", str(params_file),
+                    "-p", f"checkpoint:={checkpoint}"]
+        if compressed:
+            self.cmd += ["-p", "image_transport:=compressed"]
+        for p in extra_params:
+            self.cmd += ["-p", p]
+        self.log_path = log_path or pathlib.Path(tempfile.mkstemp(prefix="depth_node_", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=ros_env(),
+                                     cwd=str(ROOT))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        self._log.flush()
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def percentiles(values_ms: list) -> dict:
+    if not values_ms:
+        return {}
+    v = np.asarray(values_ms, dtype=np.float64)
+    return {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
+            "p99": float(np.percentile(v, 99)), "max": float(v.max()), "mean": float(v.mean()),
+            "first": float(v[0])}
+
+
+def _rgb_of(frame: BP.CameraFrame) -> np.ndarray:
+    from diffsql_ros.conversions import compressed_to_rgb8, image_to_rgb8
+
+    msg = BP.to_rclpy(frame.image, frame.image_type)
+    return compressed_to_rgb8(msg) if frame.image_type.endswith("CompressedImage") else image_to_rgb8(msg)
+
+
+def pick_samples(frames, truth: GroundTruth, n: int) -> list:
+    """Up to n frames spread over the bag, preferring frames that have a LiDAR scan."""
+    if n <= 0:
+        return []
+    with_gt = [f for f in frames if truth.has_scan(f.stamp_ns)] or list(frames)
+    idx = np.unique(np.linspace(0, len(with_gt) - 1, min(n, len(with_gt))).round().astype(int))
+    return [with_gt[i] for i in idx]
+
+
+def run(args) -> dict:
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from diffsql_ros.evaluator_node import DepthEvaluator
+
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    with BP.open_bag(args.bag) as reader:
+        topics = BP.choose_topics(reader, args.image_topic, args.camera_info_topic, args.lidar_topic)
+        frames = BP.read_camera_frames(reader, topics)
+    truth = GroundTruth.from_bag(args.bag, topics, frames, extrinsic=parse_extrinsic(args.extrinsic),
+                                 tolerance_s=args.lidar_tolerance)
+    if args.max_frames:
+        frames = frames[: args.max_frames]
+    cfg = P.EvalConfig.for_protocol("bag", scaling=args.scaling, scale=args.scale)
+    samples = pick_samples(frames, truth, args.report_frames if args.report else 0)
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    ns = f"/diffsql_bag_eval_{os.getpid()}"
+    compressed = topics.image_type.endswith("CompressedImage")
+    log_path = (args.report / "depth_node.log") if args.report else None
+    if log_path:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    node_proc = NodeProcess(ns, args.checkpoint, args.params_file, compressed, args.node_param, log_path)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    evaluator = None
+    try:
+        from rclpy.node import Node
+
+        player_node = Node("diffsql_bag_player", context=context)
+        image_topic = f"{ns}/image/compressed" if compressed else f"{ns}/image"
+        player = BP.Player(player_node, image_topic, f"{ns}/camera_info", topics.image_type)
+        evaluator = DepthEvaluator(ns, truth.depth_map, cfg, [], context=context)
+        executor.add_node(player_node)
+        executor.add_node(evaluator)
+        spin.start()
+        t_start = time.monotonic()
+        try:
+            evaluator.connect(args.startup_timeout, node_proc.alive)
+            if not player.wait_for_subscribers(args.startup_timeout, node_proc.alive):
+                raise TimeoutError("the depth node did not subscribe to the image topic")
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"depth node did not start: {e}\n--- depth node log ---\n{node_proc.log_tail()}") from None
+        startup_s = time.monotonic() - t_start
+        played = _play(frames, player, evaluator, node_proc, args)
+        result = evaluator.result()
+        latencies = []
+        for f in played:
+            t_pub, t_recv = player.publish_time(f.stamp_ns), evaluator.received.get(f.stamp_ns)
+            if t_pub is not None and t_recv is not None:
+                latencies.append((t_recv - t_pub) * 1e3)
+        received = [evaluator.received[f.stamp_ns] for f in played if f.stamp_ns in evaluator.received]
+        first_pub = player.publish_time(played[0].stamp_ns) if played else None
+        span = (max(received) - first_pub) if received and first_pub is not None else 0.0
+        pictures = _sample_pass(samples, player, evaluator, node_proc, args) if samples else []
+        if not node_proc.alive():
+            raise RuntimeError(f"the depth node exited during the replay\n--- depth node log ---\n{node_proc.log_tail()}")
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        rc = node_proc.stop()
+        if evaluator is not None:
+            evaluator.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+    n_recv = len(received)
+    summary = {
+        "bag": str(args.bag), "checkpoint": str(args.checkpoint),
+        "topics": {"image": topics.image, "camera_info": topics.camera_info, "lidar": topics.lidar},
+        "extrinsic_source": truth.extrinsic_source,
+        "mode": "max-rate" if args.rate is None else f"rate x{args.rate:g}",
+        "frames_played": len(played), "frames_received": n_recv,
+        "frames_dropped": len(played) - n_recv,
+        "frames_evaluated": len(result["per_frame"]),
+        "frames_without_lidar": len(result["missing"]),
+        "latency_ms": percentiles(latencies),
+        "throughput_fps": (n_recv / span) if span > 0 else None,
+        "startup_s": startup_s,
+        "metrics": result["metrics"], "scaling": result["scaling"],
+        "protocol": {"name": "bag", **cfg.to_dict()},
+        "gt_depth": truth.depth_definition,
+        "errors": result["errors"], "missing": result["missing"], "per_frame": result["per_frame"],
+        "node": {"command": node_proc.cmd, "exit_code": rc, "params_file": str(args.params_file)},
+        "pictures": pictures,
+    }
+    if args.report:
+        summary["report"] = str(write_bag_report(summary, args.report))
+    return summary
+
+
+def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args) -> list:
+    """Main pass. Returns the frames published (all of them unless the node died)."""
+    played = []
+    t0 = time.monotonic()
+    for i, (frame, at) in enumerate(BP.schedule(frames, args.rate)):
+        if not node_proc.alive():
+            break
+        wait = t0 + at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        player.publish(frame)
+        played.append(frame)
+        if args.rate is None:  # backpressure: the next frame only when this one's depth is out
+            timeout = args.first_timeout if i == 0 else args.timeout
+            evaluator.wait_for(frame.stamp_ns, timeout, node_proc.alive)
+        if args.progress:
+            print(f"\r{args.progress}: frame {i + 1}/{len(frames)}", end="", file=sys.stderr, flush=True)
+    if args.progress:
+        print(file=sys.stderr)
+    evaluator.wait_quiet({f.stamp_ns for f in played}, args.timeout if args.rate is not None else 0.5,
+                         node_proc.alive)
+    return played
+
+
+def _sample_pass(samples, player: BP.Player, evaluator, node_proc: NodeProcess, args) -> list:
+    """Replay the sample frames with uncertainty and points subscribed; keep their outputs."""
+    evaluator.watch_samples([f.stamp_ns for f in samples], args.startup_timeout)
+    out = []
+    for frame in samples:
+        if not node_proc.alive():
+            break
+        player.publish(frame)
+        evaluator.wait_for_sample(frame.stamp_ns, args.timeout, node_proc.alive)
+        s = evaluator.samples.get(frame.stamp_ns)
+        out.append({"stamp_ns": frame.stamp_ns, "index": frame.index, "rgb": _rgb_of(frame), "sample": s})
+    return out
+
+
+def write_bag_report(summary: dict, out_dir: pathlib.Path) -> pathlib.Path:
+    """index.html + PNGs for one replay; `summary['pictures']` becomes file names (JSON-able)."""
+    from diffsql_ros import report as R
+
+    rows = []
+    pics = []
+    for p in summary["pictures"]:
+        s = p["sample"]
+        if s is None or s.depth is None:
+            continue
+        images = R.frame_pictures(out_dir, f"frame{p['index']:04d}", p["rgb"], s.depth, s.uncertainty,
+                                  s.xyz, s.rgb, cloud_note=None if s.xyz is None else
+                                  f"node 'points': {len(s.xyz)} points, oblique view")
+        caption = f"frame {p['index']} (stamp {p['stamp_ns'] / 1e9:.3f} s)"
+        rows.append(R.FrameRow(caption, images))
+        pics.append({"caption": caption, "images": images})
+    summary["pictures"] = pics
+    name = pathlib.Path(summary["bag"]).name
+    sec = R.Section(f"Replay of {name}", paragraphs=[
+        f"Mode {summary['mode']}; depth node: {' '.join(summary['node']['command'][1:4])} with "
+        f"{summary['node']['params_file']}; extrinsic from {summary['extrinsic_source']}; "
+        f"ground truth: {summary['gt_depth']}."],
+        tables=[R.metrics_table([(name, {**(summary['metrics'] or {}), 'count': summary['frames_evaluated']},
+                                  "median scaling" if summary["scaling"]["mode"] == "median" else "fixed scale")]),
+                R.latency_table([(name, summary)], "latency: image published -> depth received")],
+        frames=rows)
+    return R.write_report(out_dir / "index.html", f"diffsql-bag-eval: {name}", [sec])
+
+
+def format_summary(s: dict) -> str:
+    lat = s["latency_ms"]
+    lines = [f"{s['bag']}: played {s['frames_played']}, evaluated {s['frames_evaluated']}, "
+             f"dropped {s['frames_dropped']}, without LiDAR {s['frames_without_lidar']} ({s['mode']})"]
+    if lat:
+        lines.append(f"latency ms: p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  "
+                     f"max {lat['max']:.1f}  (first frame {lat['first']:.1f})")
+    for e in s["errors"][:5]:
+        lines.append(f"  error: {e}")
+    if s["metrics"]:
+        lines.append(M.format_table(s["metrics"]))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="diffsql-bag-eval", description=__doc__.split("\n")[0])
+    ap.add_argument("bag", type=pathlib.Path, help="ROS 1 .bag file or ROS 2 bag folder (sqlite3 / mcap)")
+    ap.add_argument("--checkpoint", type=pathlib.Path, required=True)
+    ap.add_argument("--image-topic")
+    ap.add_argument("--camera-info-topic")
+    ap.add_argument("--lidar-topic")
+    ap.add_argument("--extrinsic", help="LiDAR -> camera optical frame, 'x y z qx qy qz qw' or 12/16 "
+                    "row-major numbers (default: /tf_static of the bag)")
+    timing = ap.add_mutually_exclusive_group()
+    timing.add_argument("--rate", type=float, help="publish at this multiple of the recorded timing")
+    timing.add_argument("--max-rate", action="store_true", help="as fast as the node keeps up (default)")
+    ap.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for one depth image")
+    ap.add_argument("--first-timeout", type=float, default=120.0, help="... for the first one (warm-up)")
+    ap.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for the node to come up")
+    ap.add_argument("--lidar-tolerance", type=float, default=0.05, help="seconds between image and scan stamps")
+    ap.add_argument("--max-frames", type=int, default=0, help="replay only the first N frames (0 = all)")
+    ap.add_argument("--scaling", choices=("median", "fixed"), default="median")
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--params-file", type=pathlib.Path, default=default_params_file())
+    ap.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                    help="extra depth node parameter (repeatable)")
+    ap.add_argument("--json", type=pathlib.Path)
+    ap.add_argument("--report", type=pathlib.Path, help="folder for index.html and pictures")
+    ap.add_argument("--report-frames", type=int, default=3)
+    ap.add_argument("--progress", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rate is not None and args.rate <= 0:
+        ap.error("--rate must be > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (BP.BagError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+        print(f"diffsql-bag-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if args.json:
+        M.write_json(summary, args.json)
+        print(f"wrote {args.json}")
+    if args.report:
+        print(f"wrote {summary['report']}")
+    return 0 if summary["frames_evaluated"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
