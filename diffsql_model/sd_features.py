@@ -85,6 +85,14 @@ def null_text_embedding(text_encoder, tokenizer) -> torch.Tensor:
 def _load(cls, folder: pathlib.Path, **kwargs):
     if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise SDFolderError(f"{folder} is missing; {LAYOUT_HELP}")
+    if not cls.__name__.endswith("Tokenizer"):
+        weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
+        if not weights:
+            raise SDFolderError(f"{folder} has no weights file; {LAYOUT_HELP}")
+        # fp16-only copies (variant "fp16") are accepted too; everything is loaded as float32 and
+        # callers choose the run precision with autocast or .to(dtype).
+        kwargs["variant"] = None if any(".fp16." not in n for n in weights) else "fp16"
+        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = torch.float32
     try:
         return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - library errors vary; say which part failed

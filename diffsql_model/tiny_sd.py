@@ -9,7 +9,7 @@ small. The block widths differ per level (16, 24, 32, 40) so tests can tell the 
 from __future__ import annotations
 
 import pathlib
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -107,11 +107,3 @@ def build_tiny_sd_folder(path: Union[str, pathlib.Path], with_text_encoder: bool
             module.save_pretrained(path / name)
     return modules
 
-
-def tiny_null_text(modules: dict) -> Optional[torch.Tensor]:
-    """Null-text embedding of the modules returned by `build_tiny_sd_folder` (None without CLIP)."""
-    from .sd_features import null_text_embedding
-
-    if modules.get("text_encoder") is None:
-        return None
-    return null_text_embedding(modules["text_encoder"], modules["tokenizer"])

@@ -50,6 +50,23 @@ def test_tiny_sd_dir_fixture_loads_on_any_layer(tiny_sd_dir):
     assert out["features"].shape == (1, 16, 8, 8) and out["tokens"].shape == (1, 1, 40)
 
 
+def test_fp16_only_folder_loads_as_float32(tmp_path):
+    modules = build_tiny_sd_folder(tmp_path / "fp32")
+    for name in ("vae", "unet", "text_encoder"):  # a copy downloaded with variant="fp16" only
+        copy.deepcopy(modules[name]).half().save_pretrained(tmp_path / "fp16" / name, variant="fp16")
+    modules["tokenizer"].save_pretrained(tmp_path / "fp16" / "tokenizer")
+    assert not list((tmp_path / "fp16" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    exts = [DiffusionFeatureExtractor.from_config(
+        SDConfig(enabled=True, pretrained_path=str(tmp_path / v))).eval() for v in ("fp32", "fp16")]
+    exts[1].fusion.load_state_dict(exts[0].fusion.state_dict())
+    assert all(p.dtype == torch.float32 for p in exts[1].parameters())
+    x = torch.rand(1, 3, 64, 128)
+    with torch.no_grad():
+        a, b = (e(x)["features"] for e in exts)
+    assert torch.allclose(exts[0].null_text, exts[1].null_text, atol=1e-2)
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()
+
+
 def test_folder_without_text_encoder_conditions_on_zeros(tmp_path, caplog):
     build_tiny_sd_folder(tmp_path, with_text_encoder=False)
     with caplog.at_level("WARNING"):
@@ -64,6 +81,10 @@ def test_missing_or_broken_folder_gives_clear_error(tmp_path):
     build_tiny_vae().save_pretrained(tmp_path / "vae")
     with pytest.raises(SDFolderError, match=r"unet is missing"):
         DiffusionFeatureExtractor.from_config(SDConfig(enabled=True, pretrained_path=str(tmp_path)))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(build_tiny_unet().to_json_string())
+    with pytest.raises(SDFolderError, match=r"unet has no weights file"):
+        DiffusionFeatureExtractor.from_config(SDConfig(enabled=True, pretrained_path=str(tmp_path)))
     build_tiny_unet().save_pretrained(tmp_path / "unet")
     weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
@@ -76,11 +97,11 @@ def test_output_shapes_any_size_every_layer(layer):
     ext = tiny(layer)
     assert ext.out_channels == 128 and ext.token_channels == TINY_TOKEN_CHANNELS[layer]
     gh, gw = TOKEN_GRID[layer]
-    for h, w in [(192, 640), (190, 630)]:
+    for b, h, w in [(2, 192, 640), (1, 190, 630)]:
         with torch.no_grad():
-            out = ext(torch.rand(2, 3, h, w))
-        assert out["features"].shape == (2, 128, math.ceil(h / 8), math.ceil(w / 8))
-        assert out["tokens"].shape == (2, gh * gw, TINY_TOKEN_CHANNELS[layer])
+            out = ext(torch.rand(b, 3, h, w))
+        assert out["features"].shape == (b, 128, math.ceil(h / 8), math.ceil(w / 8))
+        assert out["tokens"].shape == (b, gh * gw, TINY_TOKEN_CHANNELS[layer])
         assert torch.isfinite(out["features"]).all() and torch.isfinite(out["tokens"]).all()
 
 
