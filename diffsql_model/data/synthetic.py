@@ -25,6 +25,8 @@ T_VELO_TO_CAM = np.array([[0.0, -1.0, 0.0, 0.0],
 _SUN = np.array([0.4, -0.8, -0.45]) / np.linalg.norm([0.4, -0.8, -0.45])  # towards the sun
 _HAZE = np.array([0.75, 0.8, 0.85])
 GROUND, BUILDING, CAR, POLE = 0, 1, 2, 3
+# Corner pairs joined by a box edge (corner index 4 i + 2 j + k for x, y, z choices i, j, k).
+_BOX_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
 
 
 @dataclasses.dataclass
@@ -91,6 +93,7 @@ class SyntheticScene:
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         self.noise_table = rng.random((256, 256)).astype(np.float32)
+        self._flat_table = np.pad(self.noise_table, ((0, 1), (0, 1)), mode="wrap").ravel()
         h = cfg.camera_height
         boxes, kinds, colors = [], [], []
 
@@ -124,20 +127,22 @@ class SyntheticScene:
         self.colors = np.array(colors, dtype=np.float32)
         K = cfg.K
         u, v = np.meshgrid(np.arange(cfg.width), np.arange(cfg.height))
+        # 3 x H x W camera rays with z = 1 (so ray parameter = camera depth); float32 for speed,
+        # which keeps depth to ~1e-7 relative.
         self.rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1],
-                              np.ones_like(u, dtype=np.float64)])  # 3 x H x W, camera z = 1
+                              np.ones_like(u, dtype=np.float64)]).astype(np.float32)
 
     def _noise(self, s: np.ndarray, t: np.ndarray, freq: float) -> np.ndarray:
-        """Smooth value noise in [0, 1] on a 1/freq metre lattice."""
-        x, y = s * freq, t * freq
+        """Smooth value noise in [0, 1] on a 1/freq metre lattice (256-periodic table)."""
+        x, y = s * np.float32(freq), t * np.float32(freq)
         ix, iy = np.floor(x), np.floor(y)
         fx, fy = x - ix, y - iy
         fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
-        ix, iy = ix.astype(np.int64) & 255, iy.astype(np.int64) & 255
-        tab = self.noise_table
-        a = tab[ix, iy] * (1 - fx) + tab[(ix + 1) & 255, iy] * fx
-        b = tab[ix, (iy + 1) & 255] * (1 - fx) + tab[(ix + 1) & 255, (iy + 1) & 255] * fx
-        return a * (1 - fy) + b * fy
+        idx = (ix.astype(np.int64) & 255) * 257 + (iy.astype(np.int64) & 255)
+        tab = self._flat_table  # 257 x 257 wrapped copy, flattened: neighbours are +1, +257
+        a = tab[idx] + (tab[idx + 257] - tab[idx]) * fx
+        b = tab[idx + 1] + (tab[idx + 258] - tab[idx + 1]) * fx
+        return a + (b - a) * fy
 
     def _texture(self, P, axis, obj, footprint):
         """Albedo (N x 3) at world points P (3 x N) on faces with normal `axis`, object `obj` (-1 ground)."""
@@ -145,25 +150,26 @@ class SyntheticScene:
         s = np.where(axis == 0, z, x)
         t = np.where(axis == 1, z, y)
         kind = np.where(obj < 0, GROUND, self.kinds[np.maximum(obj, 0)])
-        base = np.where((obj < 0)[:, None], 0.42, self.colors[np.maximum(obj, 0)])
+        base = np.where((obj < 0)[:, None], np.float32(0.42), self.colors[np.maximum(obj, 0)])
         tex = np.zeros_like(s)
         for freq, amp in ((0.35, 0.5), (1.3, 0.3), (4.0, 0.2)):
             # Fade octaves finer than ~3 pixels to limit aliasing (almost view-independent).
-            lod = np.clip(1.5 - 3.0 * freq * footprint, 0.0, 1.0)
-            tex += amp * (lod * self._noise(s + 17.0 * freq, t, freq) + (1 - lod) * 0.5)
+            lod = np.clip(1.5 - 3.0 * freq * footprint, 0.0, 1.0).astype(np.float32)
+            tex += amp * (lod * (self._noise(s + 17.0 * freq, t, freq) - 0.5) + 0.5)
         albedo = base * (0.45 + 1.1 * tex)[:, None]
-        g = kind == GROUND
-        side = g & (np.abs(x) > 4.6)  # pavement tiles
+        g = np.flatnonzero(kind == GROUND)
+        xg, zg = x[g], z[g]
+        side = g[np.abs(xg) > 4.6]  # pavement tiles
         albedo[side] *= np.where((np.floor(x[side]) + np.floor(z[side])) % 2 == 0, 1.35, 1.05)[:, None]
-        lane = g & (np.abs(x) < 0.08) & (np.mod(z, 6.0) < 3.0)
-        edge = g & (np.abs(np.abs(x) - 3.2) < 0.08)
-        albedo[lane | edge] = 0.92
-        b = kind == BUILDING
-        up = self.cfg.camera_height - y  # height above ground
-        win = b & (axis != 1) & (np.mod(s, 3.0) > 0.8) & (np.mod(s, 3.0) < 2.2) \
-            & (np.mod(up, 3.2) > 1.0) & (np.mod(up, 3.2) < 2.4)
-        albedo[win] = albedo[win] * 0.3 + np.array([0.05, 0.1, 0.2])
-        band = (kind == POLE) & (np.mod(up, 1.0) < 0.25)
+        ax = np.abs(xg)
+        marks = ((ax < 0.08) & (np.mod(zg, 6.0) < 3.0)) | (np.abs(ax - 3.2) < 0.08)  # lane, edges
+        albedo[g[marks]] = 0.92
+        b = np.flatnonzero((kind == BUILDING) & (axis != 1))
+        sb, ub = np.mod(s[b], 3.0), np.mod(self.cfg.camera_height - y[b], 3.2)  # height above ground
+        win = b[(sb > 0.8) & (sb < 2.2) & (ub > 1.0) & (ub < 2.4)]
+        albedo[win] = albedo[win] * 0.3 + np.array([0.05, 0.1, 0.2], dtype=np.float32)
+        pole = np.flatnonzero(kind == POLE)
+        band = pole[np.mod(self.cfg.camera_height - y[pole], 1.0) < 0.25]
         albedo[band] *= 0.4
         return np.clip(albedo, 0, 1)
 
@@ -171,9 +177,9 @@ class SyntheticScene:
         """Camera-to-world pose 4x4 -> (rgb H x W x 3 uint8, depth H x W float32, 0 = sky)."""
         cfg = self.cfg
         H, W = cfg.height, cfg.width
-        R, o = pose[:3, :3], pose[:3, 3]
+        R, o = pose[:3, :3].astype(np.float32), pose[:3, 3].astype(np.float32)
         d = np.einsum("ij,jhw->ihw", R, self.rays)  # world ray directions, camera-z step 1
-        depth = np.full((H, W), np.inf)
+        depth = np.full((H, W), np.inf, dtype=np.float32)
         obj = np.full((H, W), -2, dtype=np.int64)  # -2 sky, -1 ground, >= 0 box
         axis = np.full((H, W), 1, dtype=np.int64)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -189,8 +195,8 @@ class SyntheticScene:
                     continue
                 r0, r1, c0, c1 = bb
                 sl = (slice(None), slice(r0, r1), slice(c0, c1))
-                t1 = (box[:3, None, None] - o[:, None, None]) * inv_d[sl]
-                t2 = (box[3:, None, None] - o[:, None, None]) * inv_d[sl]
+                t1 = (box[:3, None, None] - o[:, None, None]).astype(np.float32) * inv_d[sl]
+                t2 = (box[3:, None, None] - o[:, None, None]).astype(np.float32) * inv_d[sl]
                 tmin = np.minimum(t1, t2)
                 tnear = tmin.max(0)
                 tfar = np.maximum(t1, t2).min(0)
@@ -198,7 +204,7 @@ class SyntheticScene:
                 hit = (tnear <= tfar) & (tnear > 0.05) & (tnear < dsub)
                 dsub[hit] = tnear[hit]
                 obj[r0:r1, c0:c1][hit] = i
-                axis[r0:r1, c0:c1][hit] = tmin.argmax(0)[hit]
+                axis[r0:r1, c0:c1][hit] = tmin[:, hit].argmax(0)
         sky = ~(depth < cfg.far)
         depth[sky], obj[sky] = 0.0, -2
         rgb = np.empty((H, W, 3), dtype=np.float32)
@@ -217,15 +223,22 @@ class SyntheticScene:
         return rgb, depth.astype(np.float32)
 
     @staticmethod
-    def _bbox(box, w2c, K, H, W):
-        """Pixel rows/cols a box can cover (whole image if it straddles the camera plane)."""
-        c = np.array(np.meshgrid(*[[box[a], box[a + 3]] for a in range(3)])).reshape(3, -1)
-        cam = w2c[:3, :3] @ c + w2c[:3, 3:]
-        if (cam[2] <= 0.05).all():
+    def _bbox(box, w2c, K, H, W, near=0.05):
+        """Pixel rows/cols a box can cover: its corners and, where it straddles the camera's
+        near plane, the points where its edges cross that plane; None if out of view."""
+        c = np.array(np.meshgrid(*[[box[a], box[a + 3]] for a in range(3)], indexing="ij")).reshape(3, -1)
+        cam = w2c[:3, :3] @ c + w2c[:3, 3:]  # 3 x 8, corner index = 4 i + 2 j + k
+        front = cam[2] > near
+        if not front.any():
             return None
-        if (cam[2] <= 0.05).any():
-            return 0, H, 0, W
-        uv = (K @ cam)[:2] / cam[2]
+        pts = [cam[:, front]]
+        if not front.all():
+            for a, b in _BOX_EDGES:
+                if front[a] != front[b]:
+                    f = (near - cam[2, a]) / (cam[2, b] - cam[2, a])
+                    pts.append((cam[:, a] + f * (cam[:, b] - cam[:, a]))[:, None])
+        pts = np.hstack(pts)
+        uv = (K @ pts)[:2] / pts[2]
         c0, c1 = int(np.floor(uv[0].min())), int(np.ceil(uv[0].max())) + 1
         r0, r1 = int(np.floor(uv[1].min())), int(np.ceil(uv[1].max())) + 1
         c0, c1, r0, r1 = max(c0, 0), min(c1, W), max(r0, 0), min(r1, H)
