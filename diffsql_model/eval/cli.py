@@ -3,6 +3,7 @@
   diffsql-eval --protocol eigen --data /data/kitti --split-file eigen/test_files.txt \
       --checkpoint model.pt --json out.json
   diffsql-eval --protocol make3d --data /data/make3d --predictions preds.npz
+  diffsql-eval --protocol bag --data drive.bag --image-topic /cam/image_raw --checkpoint model.pt
 
 --predictions: an .npz whose array `depth` holds one depth map in metres (any resolution) per
 frame, in the order of the split file (make3d: pairs sorted by name, or the names listed in
@@ -139,6 +140,9 @@ def parse_args(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="with --scaling fixed: pred * scale")
     ap.add_argument("--gt-depth", choices=("velo_x", "cam_z"), default="velo_x",
                     help="eigen ground truth: velodyne forward x (standard) or camera z")
+    ap.add_argument("--image-topic", help="bag: camera image topic (default: the only one)")
+    ap.add_argument("--lidar-topic", help="bag: PointCloud2 topic (default: the only one)")
+    ap.add_argument("--lidar-tolerance", type=float, default=0.05, help="bag: max image-scan stamp gap, s")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=8)
     return ap.parse_args(argv)
@@ -162,21 +166,51 @@ def evaluate(args) -> dict:
 
 
 def _evaluate_bag(args, cfg) -> dict:
-    """Bag protocol from the CLI: needs `diffsql_model.data.bags.iter_image_lidar_pairs`."""
-    try:
-        from diffsql_model.data.bags import iter_image_lidar_pairs
-    except ImportError as e:
-        raise ValueError(f"--protocol bag needs diffsql_model.data.bags.iter_image_lidar_pairs: {e}") from None
-    if args.predictions:
-        raise ValueError("--protocol bag predicts from the bag's images: use --checkpoint")
-    from diffsql_model.checkpoint import load_model
-    from diffsql_model.inference import DepthEstimator
+    """Bag protocol: camera images paired with the LiDAR scan nearest in stamp (depth = camera
+    z) by `diffsql_model.data.bags.BagDataset`; predictions in the order of its samples."""
+    from diffsql_model.data import bags
 
-    model, mcfg = load_model(args.checkpoint)
-    est = DepthEstimator(model, mcfg, device=args.device)
-    result = P.evaluate_bag_samples(iter_image_lidar_pairs(args.data), lambda img: est.predict(img)[0], cfg)
-    result.update(data=str(args.data), checkpoint=str(args.checkpoint))
+    with bags.open_bag(args.data) as reader:
+        lidar_topic = bags.pick_topic(reader, args.lidar_topic, (bags.CLOUD_TYPE,), "PointCloud2", args.data)
+    if args.predictions:
+        preds, size = load_predictions(args.predictions), (192, 640)
+    else:
+        preds = _BagModel(args.checkpoint, args.device)
+        size = (preds.cfg.height, preds.cfg.width)
+    ds = bags.BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
+                         lidar_topic=lidar_topic, is_train=False, lidar_tolerance_s=args.lidar_tolerance)
+    if args.predictions and len(preds) != len(ds):
+        raise ValueError(f"{args.predictions} holds {len(preds)} depth maps but the bag has {len(ds)} images")
+
+    def samples():
+        for i in range(len(ds)):
+            s = ds[i]
+            image = i if args.predictions else s[("color", 0)]
+            depth = s["depth_gt"][0].numpy() if s["has_depth_gt"] else None
+            yield image, depth, f"{s['stamp'] / 1e9:.6f}"
+
+    predict = preds.__getitem__ if args.predictions else preds
+    result = P.evaluate_bag_samples(samples(), predict, cfg, gt_depth="lidar_cam_z")
+    result.update(data=str(args.data), image_topic=ds.images.topic, lidar_topic=lidar_topic,
+                  **({"predictions": str(args.predictions)} if args.predictions else {"checkpoint": str(args.checkpoint)}))
     return result
+
+
+class _BagModel:
+    """predict(image 3 x h x w in [0, 1] at the network size) -> h x w depth."""
+
+    def __init__(self, checkpoint, device: str):
+        import torch
+
+        from diffsql_model.checkpoint import load_model
+        from diffsql_model.inference import resolve_device
+
+        self.torch, self.device = torch, resolve_device(device)
+        self.model, self.cfg = load_model(checkpoint, self.device)
+
+    def __call__(self, image) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(image[None].to(self.device))["depth"][0, 0].float().cpu().numpy()
 
 
 def report(result: dict) -> str:

@@ -262,11 +262,12 @@ def run_evaluation(frames: Sequence[Frame], predictions: Sequence[np.ndarray], c
     return acc.result(**details)
 
 
-def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[np.ndarray], np.ndarray],
-                         cfg: EvalConfig | None = None) -> dict:
-    """Bag protocol. samples: `(image HxWx3 uint8 RGB, lidar_depth HxW metres 0 = no return)`
-    or `(image, lidar_depth, name)`; lidar_depth None marks a frame without a scan (listed as
-    missing). predict_fn(image) -> depth map (any resolution, resized to the LiDAR map)."""
+def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[object], np.ndarray],
+                         cfg: EvalConfig | None = None, gt_depth: str = "lidar") -> dict:
+    """Bag protocol. samples: `(image, lidar_depth HxW metres, 0 = no return)` or
+    `(image, lidar_depth, name)`; lidar_depth None marks a frame without a scan (listed as
+    missing). predict_fn(image) -> depth map (any resolution, resized to the LiDAR map); the
+    image is passed through untouched. gt_depth: the depth definition reported."""
     cfg = cfg or EvalConfig.for_protocol("bag")
     acc = _Accumulator(cfg)
     for i, sample in enumerate(samples):
@@ -277,4 +278,4 @@ def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[np.ndar
             acc.missing.append({"frame": key, "reason": "no LiDAR scan paired with this image"})
             continue
         acc.add(key, depth, predict_fn(image))
-    return acc.result(gt_depth="lidar depth map as paired by the caller")
+    return acc.result(gt_depth=gt_depth)
