@@ -48,7 +48,11 @@ class PoseNet(nn.Module):
         tv_weights = None
         if weights == "imagenet":
             tv_weights = getattr(torchvision.models, _WEIGHTS[num_layers]).IMAGENET1K_V1
-        resnet = _RESNETS[num_layers](weights=tv_weights)
+        try:
+            resnet = _RESNETS[num_layers](weights=tv_weights)
+        except Exception as e:  # offline machine without the torchvision cache
+            raise RuntimeError(f"PoseNet: could not load ImageNet weights for ResNet-{num_layers} "
+                               f"(not in the torch hub cache and no network?): {e}") from e
         conv1 = nn.Conv2d(6, 64, kernel_size=7, stride=2, padding=3, bias=False)
         with torch.no_grad():
             # Pretrained RGB filters shared by both frames, halved so activations keep their scale.
