@@ -127,6 +127,7 @@ def test_eigen_benchmark_improved_gt(kitti_shared_root, kitti_depth, tmp_path):
     rc, res = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
                   "--predictions", tmp_path / "p.npz")
     assert rc == 0 and res["n_frames"] == 3 and res["n_frames_listed"] == 4
+    assert res["gt_depth"].startswith("kitti_depth_png")
     assert [m["frame"] for m in res["missing"]] == [f"{DRIVE} 3 l"]
     assert "improved ground truth" in res["missing"][0]["reason"]
     assert res["metrics"]["abs_rel"] == pytest.approx(0, abs=1e-6) and res["scaling"]["median"] == pytest.approx(0.5)
@@ -223,6 +224,20 @@ def test_checkpoint_inference(kitti_shared_root, tmp_path):
     assert [m["frame"] for m in res["missing"]] == [f"{DRIVE} 50 l"]
     m = res["metrics"]
     assert all(np.isfinite(v) for v in m.values()) and 0 < m["abs_rel"] < 10 and 0 <= m["a1"] <= 1
+    # the same network run by hand on the training resize gives the same numbers via --predictions
+    from diffsql_model.data.augment import to_tensor_resized
+    from diffsql_model.data.kitti import load_rgb
+
+    model.eval()
+    maps = []
+    for f in (5, 50, 25):
+        rgb = load_rgb(kitti_shared_root / "raw" / DRIVE / "image_02" / "data" / f"{f:010d}.png")
+        with torch.inference_mode():
+            maps.append(model(to_tensor_resized(rgb, 64, 192)[None])["depth"][0, 0].numpy())
+    np.savez(tmp_path / "p.npz", depth=np.stack(maps))
+    rc, res2 = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                   "--predictions", tmp_path / "p.npz")
+    assert rc == 0 and res2["metrics"] == pytest.approx(m, rel=1e-5)
     # a corrupt checkpoint is a clear error, not a traceback
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     rc, _ = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,

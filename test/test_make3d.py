@@ -86,6 +86,7 @@ def test_make3d_eval_end_to_end(make3d_dir, make3d_copy, tmp_path, capsys):
     assert [m["frame"] for m in res["missing"]] == [missing_name]
     assert res["metrics"]["abs_rel"] == pytest.approx(0, abs=1e-6) and res["metrics"]["log10"] == pytest.approx(0, abs=1e-6)
     assert res["scaling"]["median"] == pytest.approx(1 / 3)
+    assert res["gt_depth"] == "make3d_laser_range"
     assert res["settings"]["max_depth"] == 70.0 and res["settings"]["garg_crop"] is False
     printed = capsys.readouterr().out
     assert "log10" in printed and missing_name in printed

@@ -66,8 +66,10 @@ class ModelPredictions:
         import torch
 
         from diffsql_model.checkpoint import load_model
+        from diffsql_model.data.augment import to_tensor_resized
         from diffsql_model.inference import resolve_device
 
+        self.to_tensor = to_tensor_resized
         self.torch, self.frames, self.batch_size = torch, frames, max(1, batch_size)
         self.device = resolve_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device)
@@ -89,13 +91,10 @@ class ModelPredictions:
                 self._cache[i] = e
         if not images:
             return
-        batch = []
-        for img in images:  # 3 x H x W in [0, 1] at the network size
-            t = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)[None]
-            batch.append(torch.nn.functional.interpolate(
-                t, size=(self.cfg.height, self.cfg.width), mode="bilinear", align_corners=False, antialias=True))
+        # the training resize (bilinear, antialiased) -> B x 3 x h x w in [0, 1]
+        batch = torch.stack([self.to_tensor(img, self.cfg.height, self.cfg.width) for img in images])
         with torch.inference_mode():
-            depth = self.model(torch.cat(batch).to(self.device))["depth"]  # B x 1 x h x w
+            depth = self.model(batch.to(self.device))["depth"]  # B x 1 x h x w
         for i, d in zip(ok, depth[:, 0].float().cpu().numpy()):
             self._cache[i] = d
 

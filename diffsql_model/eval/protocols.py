@@ -26,6 +26,8 @@ from diffsql_model.eval import metrics as M
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
 PROTOCOLS = ("eigen", "eigen_benchmark", "make3d", "bag")
+# the depth definition of each protocol's ground truth (eigen: EvalConfig.gt_depth)
+GT_DEPTH = {"eigen_benchmark": "kitti_depth_png (camera z)", "make3d": "make3d_laser_range", "bag": "lidar"}
 
 
 @dataclasses.dataclass
@@ -112,8 +114,8 @@ def resolve_kitti_data(data: str | pathlib.Path) -> tuple[pathlib.Path | None, p
         raw, depth = data / "raw", data / "depth"
     elif (data / "train").is_dir() or (data / "val").is_dir():
         raw, depth = data.parent / "raw", data
-    else:
-        raw, depth = data, data.parent / "depth"
+    else:  # a raw-only folder; a `depth/` beside a folder named `raw` is used too
+        raw, depth = data, (data.parent / "depth" if data.name == "raw" else data / "depth")
     return (raw if raw.is_dir() else None), (depth if depth.is_dir() else None)
 
 
@@ -138,7 +140,8 @@ def _kitti_image_loader(raw_root: pathlib.Path | None, line: SplitLine):
 
 def eigen_frames(lines: Sequence[SplitLine], raw_root: pathlib.Path, gt_depth: str = "velo_x") -> list[Frame]:
     """Eigen split: ground truth from each frame's velodyne scan, projected into image_02 (l) or
-    image_03 (r) with its date's calibration. Missing calibration fails here, before any work."""
+    image_03 (r; the Eigen test list has only l) with its date's calibration. Missing
+    calibration fails here, before any work."""
     if raw_root is None:
         raise FileNotFoundError("the eigen protocol needs the KITTI raw folder (velodyne scans)")
     calibs = {}
@@ -224,7 +227,7 @@ class _Accumulator:
         cfg = self.cfg
         out = {
             "protocol": cfg.protocol,
-            "gt_depth": cfg.gt_depth if cfg.protocol == "eigen" else details.pop("gt_depth", "dataset"),
+            "gt_depth": details.pop("gt_depth", GT_DEPTH.get(cfg.protocol, cfg.gt_depth)),
             "n_frames_listed": self.n_listed,
             "n_frames": len(self.per_frame),
             "n_missing": len(self.missing),
