@@ -23,14 +23,14 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 from diffsql_model.data.synthetic import SyntheticConfig, render_drive
 from diffsql_model.data.synthetic_kitti import points_lidar, write_kitti_layout, write_split
 
 DATE = "2011_01_01"
 BASE_STAMP_S = 1_300_000_000  # recorded stamps of the synthetic bag start here (not at 0)
 KITTI_DATE, KITTI_DRIVE = "2011_09_26", "0001"
+TEST_DRIVE = f"{DATE}_drive_0200_sync"
+TEST_SEED_OFFSET = 200  # the held-out drive's scene differs from every training / validation scene
 
 
 @dataclasses.dataclass
@@ -38,15 +38,11 @@ class SampleSettings:
     width: int = 320
     height: int = 96
     train_drives: int = 4
-    train_frames: int = 40  # per training drive
+    train_frames: int = 24  # per training drive (left and right images are both used)
     val_frames: int = 8
     test_frames: int = 20
     bag_format: str = "mcap"  # synthetic test bag: ros1 | sqlite3 | mcap
     seed: int = 0
-
-
-def drive_name(i: int) -> str:
-    return f"{DATE}_drive_{i:04d}_sync"
 
 
 def synthetic_drive_to_bag(drive, path: pathlib.Path, fmt: str) -> pathlib.Path:
@@ -64,32 +60,31 @@ def synthetic_drive_to_bag(drive, path: pathlib.Path, fmt: str) -> pathlib.Path:
 
 
 def build_synthetic(out: pathlib.Path, s: SampleSettings, log=print) -> dict:
+    """Training + validation drives exactly as the trainer's `synthetic_setup` makes them (what
+    config/train/synthetic_lite.yaml is tuned on), plus a held-out test drive (own seed) with
+    its split file and bag."""
+    from diffsql_model.train.synthetic_setup import make_synthetic_kitti
+
     root = out / "synthetic"
-    roles = ([("train", i + 1, s.seed + i, s.train_frames) for i in range(s.train_drives)]
-             + [("val", 90, s.seed + 90, s.val_frames), ("test", 99, s.seed + 99, s.test_frames)])
-    splits = {"train": [], "val": [], "test": []}
-    test_drive = None
-    for role, idx, seed, n in roles:
-        t = time.monotonic()
-        cfg = SyntheticConfig(width=s.width, height=s.height, num_frames=n, seed=seed)
-        drive = render_drive(cfg)
-        write_kitti_layout(drive, root, DATE, drive_name(idx))
-        # Training centres need both temporal neighbours; evaluation uses every frame.
-        frames = range(1, n - 1) if role == "train" else range(n)
-        splits[role] += [f"{DATE}/{drive_name(idx)} {f} l" for f in frames]
-        if role == "test":
-            test_drive = drive
-        log(f"  synthetic {role} drive {drive_name(idx)}: {n} frames {s.width}x{s.height} "
-            f"({time.monotonic() - t:.1f} s)")
-    (root / "splits").mkdir(parents=True, exist_ok=True)
-    for role, lines in splits.items():
-        (root / "splits" / f"{role}.txt").write_text("\n".join(lines) + "\n")
+    t = time.monotonic()
+    data = make_synthetic_kitti(root, train_seeds=tuple(s.seed + i for i in range(s.train_drives)),
+                                val_seed=s.seed + 100, num_frames=s.train_frames, width=s.width,
+                                height=s.height, val_frames=s.val_frames)
+    log(f"  synthetic training set: {s.train_drives} drives x {s.train_frames} frames + "
+        f"{s.val_frames} validation frames, {s.width}x{s.height} ({time.monotonic() - t:.1f} s)")
+    t = time.monotonic()
+    test = render_drive(SyntheticConfig(width=s.width, height=s.height, num_frames=s.test_frames,
+                                        seed=s.seed + TEST_SEED_OFFSET))
+    write_kitti_layout(test, root, DATE, TEST_DRIVE)
+    test_split = root / "splits" / "test.txt"
+    write_split(test_split, DATE, TEST_DRIVE, range(s.test_frames))
     suffix = ".bag" if s.bag_format == "ros1" else f"_{s.bag_format}"
-    bag = synthetic_drive_to_bag(test_drive, out / "bags" / f"synthetic_test{suffix}", s.bag_format)
-    log(f"  synthetic test bag: {bag}")
-    return {"root": str(root), "raw": str(root / "raw"), "depth": str(root / "depth"),
-            "splits": {r: str(root / "splits" / f"{r}.txt") for r in splits},
-            "frames": {r: len(v) for r, v in splits.items()}, "test_bag": str(bag)}
+    bag = synthetic_drive_to_bag(test, out / "bags" / f"synthetic_test{suffix}", s.bag_format)
+    log(f"  held-out test drive {TEST_DRIVE}: {s.test_frames} frames + bag {bag} ({time.monotonic() - t:.1f} s)")
+    frames = {name: sum(1 for ln in pathlib.Path(p).read_text().splitlines() if ln.strip())
+              for name, p in (("train", data["train_split"]), ("val", data["val_split"]), ("test", test_split))}
+    return {"data": data, "root": str(root), "test_split": str(test_split), "test_drive": TEST_DRIVE,
+            "frames": frames, "test_bag": str(bag)}
 
 
 def build_kitti_bag(out: pathlib.Path, shared: pathlib.Path, log=print) -> dict:
