@@ -215,8 +215,11 @@ class _BagModel:
 def report(result: dict) -> str:
     lines = [f"protocol {result['protocol']}: {result['n_frames']} of {result['n_frames_listed']} frames "
              f"evaluated, ground truth: {result['gt_depth']}"]
-    for m in result["missing"]:
+    shown = 20  # the JSON lists every missing frame; the console the first ones
+    for m in result["missing"][:shown]:
         lines.append(f"  missing: {m['frame']}: {m['reason']}")
+    if len(result["missing"]) > shown:
+        lines.append(f"  ... and {len(result['missing']) - shown} more missing frames (all listed in --json)")
     sc = result["scaling"]
     if sc["mode"] == "median" and "median" in sc:
         lines.append(f"median scaling ratios: median {sc['median']:.3f}, std {sc['std']:.3f} "
