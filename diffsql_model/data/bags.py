@@ -158,6 +158,18 @@ class BagDataset(torch.utils.data.Dataset):
             self._reader_pid = os.getpid()
         return self._reader_obj
 
+    def close(self) -> None:
+        """Close the reader this process holds open (also done when the dataset is collected)."""
+        ctx, self._reader_ctx = getattr(self, "_reader_ctx", None), None
+        if ctx is not None and self._reader_pid == os.getpid():
+            ctx.__exit__(None, None, None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the reader's modules may already be gone
+            pass
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_reader_ctx"] = state["_reader_obj"] = None
