@@ -1,0 +1,468 @@
+"""The depth node as it runs on a robot: console script + config/depth.yaml in a subprocess,
+real KITTI frames and calibration published from a second process, outputs received here.
+
+Run as a script (`python test_depth_node.py publish`) this file is that publisher process,
+driven by one-line commands on stdin.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = pathlib.Path(os.environ.get("DIFFSQL_SHARED", ROOT.parent / "shared")).resolve()
+DATE_DIR = SHARED / "data/kitti/raw/2011_09_26"
+FRAMES = sorted((DATE_DIR / "2011_09_26_drive_0001_sync/image_02/data").glob("*.png"))[:4]
+FRAME_ID = "cam2_optical"
+NET = (96, 320)  # small network input keeps CPU inference ~0.1 s
+
+
+# ------------------------------------------------------------------ publisher process --------
+def _camera_info(calib, stamp, width=None, height=None):
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo()
+    info.header.stamp, info.header.frame_id = stamp, FRAME_ID
+    info.width, info.height = width or calib.image_size[0], height or calib.image_size[1]
+    info.distortion_model, info.d = "plumb_bob", [0.0] * 5
+    info.k = [float(v) for v in calib.K.ravel()]
+    info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    info.p = [float(v) for v in calib.P_rect.ravel()]
+    return info
+
+
+def _image(rgb, stamp, variant="rgb8"):
+    import cv2
+    from sensor_msgs.msg import Image
+
+    msg = Image()
+    msg.header.stamp, msg.header.frame_id = stamp, FRAME_ID
+    msg.height, msg.width = rgb.shape[:2]
+    msg.encoding, msg.is_bigendian = variant, 0
+    if variant == "bgr8":
+        data = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    elif variant == "padded":  # rgb8 rows padded to a 64-byte step
+        msg.encoding = "rgb8"
+        step = -(-rgb.shape[1] * 3 // 64) * 64
+        data = np.full((rgb.shape[0], step), 7, np.uint8)
+        data[:, : rgb.shape[1] * 3] = rgb.reshape(rgb.shape[0], -1)
+    else:
+        data = rgb
+    msg.step = int(data.strides[0])
+    msg.data = np.ascontiguousarray(data).tobytes()
+    return msg
+
+
+def _malformed(rgb, stamp, i):
+    """The i-th of several kinds of broken Image messages."""
+    from sensor_msgs.msg import Image
+
+    good = _image(rgb, stamp)
+    kind = i % 6
+    if kind == 0:
+        good.encoding = "xyz42"  # unsupported encoding
+    elif kind == 1:
+        good.data = good.data[: len(good.data) // 3]  # truncated
+    elif kind == 2:
+        good.data = b""  # empty
+    elif kind == 3:
+        good.step = good.width  # step shorter than a row
+    elif kind == 4:
+        good.width = 0  # empty size
+    else:
+        return Image(encoding="16UC1", height=4, width=4, step=8, is_bigendian=1, data=b"\x01" * 7)
+    return good
+
+
+def _publisher_main():
+    import cv2
+    import rclpy
+    from builtin_interfaces.msg import Time
+    from rclpy.qos import QoSProfile
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from diffsql_model.data.calib import load_kitti_calib
+
+    rclpy.init()
+    node = rclpy.create_node("kitti_publisher")
+    pub_img = node.create_publisher(Image, "image", QoSProfile(depth=5))
+    pub_info = node.create_publisher(CameraInfo, "camera_info", QoSProfile(depth=5))
+    calib = load_kitti_calib(DATE_DIR, 2)
+    frames = [cv2.imread(str(p))[..., ::-1].copy() for p in FRAMES]
+    while pub_img.get_subscription_count() == 0 or pub_info.get_subscription_count() == 0:
+        rclpy.spin_once(node, timeout_sec=0.05)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "frame":  # frame <index> <sec> <variant>: camera_info then image, same stamp
+            stamp = Time(sec=int(args[1]))
+            pub_info.publish(_camera_info(calib, stamp))
+            pub_img.publish(_image(frames[int(args[0])], stamp, args[2]))
+            print("ok", flush=True)
+        elif cmd == "flood":  # flood <seconds>: as fast as possible, stamped with the wall clock
+            end, n = time.time() + float(args[0]), 0
+            while time.time() < end:
+                ns = time.time_ns()
+                stamp = Time(sec=ns // 10**9, nanosec=ns % 10**9)
+                pub_info.publish(_camera_info(calib, stamp))
+                pub_img.publish(_image(frames[n % len(frames)], stamp))
+                n += 1
+                time.sleep(0.002)
+            print(f"ok {n}", flush=True)
+        elif cmd == "bad":  # bad <count> <first sec>
+            for i in range(int(args[0])):
+                stamp = Time(sec=int(args[1]) + i)
+                pub_info.publish(_camera_info(calib, stamp))
+                pub_img.publish(_malformed(frames[0], stamp, i))
+                time.sleep(0.01)
+            print("ok", flush=True)
+        elif cmd == "mismatched_info":  # mismatched_info <sec>: 4:3 camera_info for a 3.3:1 image
+            stamp = Time(sec=int(args[0]))
+            pub_info.publish(_camera_info(calib, stamp, width=640, height=480))
+            pub_img.publish(_image(frames[0], stamp))
+            print("ok", flush=True)
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["publish"]:
+    _publisher_main()
+    sys.exit(0)
+
+# ------------------------------------------------------------------ tests ------------------
+rclpy = pytest.importorskip("rclpy")
+pytestmark = pytest.mark.ros
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import ListParameters, SetParameters  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import QoSProfile  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+
+from diffsql_model.checkpoint import load_model, save_checkpoint  # noqa: E402
+from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
+from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
+from diffsql_model.inference import DepthEstimator  # noqa: E402
+from diffsql_model.presets import get_preset  # noqa: E402
+from diffsql_ros.pointcloud import read_points  # noqa: E402
+
+PARAMS_FILE = ROOT / "config" / "depth.yaml"
+CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "depth_node"
+TOPICS = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
+          "depth/uncertainty": Image, "depth/colored": Image}
+
+
+def make_checkpoint(path: pathlib.Path) -> pathlib.Path:
+    """Lite model, random weights; the query layer amplified so depth varies across the image."""
+    torch.manual_seed(0)
+    cfg = get_preset("lite", height=NET[0], width=NET[1])
+    model = DiffSQLDepth(cfg)
+    with torch.no_grad():
+        for p in model.query_layer.parameters():
+            p.mul_(10.0)
+    return save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict()})
+
+
+def node_env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # two shared cores: leave one to the publisher and the test
+    return env
+
+
+class Receiver:
+    """Subscribes every output of the node (and /diagnostics) on its own executor thread."""
+
+    def __init__(self):
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        self.node = rclpy.create_node("depth_test_receiver", context=self.ctx)
+        self.lock = threading.Lock()
+        self.msgs = {t: [] for t in TOPICS}
+        self.arrival = {t: [] for t in TOPICS}
+        self.diagnostics = []
+        for topic, typ in TOPICS.items():
+            self.node.create_subscription(typ, topic, lambda m, t=topic: self._store(t, m), QoSProfile(depth=10))
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._diag, QoSProfile(depth=10))
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _store(self, topic, msg):
+        with self.lock:
+            # Keep only what the checks need: big messages of floods would pile up otherwise.
+            if len(self.msgs[topic]) > 50:
+                self.msgs[topic] = self.msgs[topic][-10:]
+            self.msgs[topic].append(msg)
+            self.arrival[topic].append((msg.header.stamp.sec, msg.header.stamp.nanosec, time.time()))
+
+    def _diag(self, msg):
+        with self.lock:
+            self.diagnostics.append({kv.key: kv.value for s in msg.status for kv in s.values})
+
+    def wait_for(self, topic, sec, timeout=30.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            with self.lock:
+                hit = [m for m in self.msgs[topic] if m.header.stamp.sec == sec]
+            if hit:
+                return hit[-1]
+            time.sleep(0.02)
+        raise AssertionError(f"no {topic} message with stamp {sec} within {timeout} s")
+
+    def last_diag(self):
+        with self.lock:
+            return dict(self.diagnostics[-1]) if self.diagnostics else {}
+
+    def call(self, srv_type, name, request, timeout=10.0):
+        client = self.node.create_client(srv_type, name)
+        assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+        future = client.call_async(request)
+        end = time.time() + timeout
+        while not future.done() and time.time() < end:
+            time.sleep(0.02)
+        assert future.done(), f"{name} did not answer"
+        self.node.destroy_client(client)
+        return future.result()
+
+    def set_param(self, name, value):
+        if isinstance(value, bool):
+            pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
+        elif isinstance(value, int):
+            pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
+        elif isinstance(value, float):
+            pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+        else:
+            pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
+        req = SetParameters.Request(parameters=[Parameter(name=name, value=pv)])
+        return self.call(SetParameters, "/depth_node/set_parameters", req).results[0]
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.ctx)
+
+
+class Publisher:
+    def __init__(self, log_dir):
+        self.proc = subprocess.Popen([sys.executable, __file__, "publish"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=open(log_dir / "publisher.log", "w"),
+                                     text=True, env=node_env(), cwd=ROOT)
+
+    def ready(self):
+        line = self.proc.stdout.readline()
+        assert line.strip() == "ready", f"publisher did not start: {line!r}"
+
+    def send(self, cmd) -> str:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _rss_mb(pid) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("depth_node")
+    ckpt = make_checkpoint(tmp / "lite.pt")
+    # Thresholds from the model's own depth on frame 0, so range and uncertainty masks both bite.
+    model, cfg = load_model(ckpt, "cpu")
+    rgb0 = cv2.imread(str(FRAMES[0]))[..., ::-1].copy()
+    ref_depth, ref_unc = DepthEstimator(model, cfg).predict(rgb0)
+    max_range = float(np.percentile(ref_depth, 70))
+    max_unc = float(np.percentile(ref_unc / ref_depth, 85))
+    log = open(tmp / "node.log", "w")
+    node = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "--ros-args", "--params-file", str(PARAMS_FILE),
+         "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
+         "-p", f"points.max_range:={max_range}", "-p", f"points.max_uncertainty:={max_unc}",
+         "-p", "diagnostics_period:=0.5",
+         # Best-effort 1.4 MB frames lose UDP fragments on a loaded 2-core box: reliable makes
+         # every frame the test sends arrive (sensor_data stays the default for cameras).
+         "-p", "input_qos:=reliable"],
+        stdout=log, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
+    receiver = Receiver()
+    publisher = Publisher(tmp)
+    try:
+        publisher.ready()
+        # Discovery is asynchronous: warm up until every output reaches the receiver.
+        end = time.time() + 40
+        while True:
+            assert node.poll() is None, (tmp / "node.log").read_text()
+            assert time.time() < end, "node outputs never reached the receiver"
+            assert publisher.send("frame 0 99 rgb8") == "ok"
+            try:
+                for t in TOPICS:
+                    receiver.wait_for(t, 99, timeout=2.0)
+                break
+            except AssertionError:
+                continue
+        yield {"node": node, "rx": receiver, "pub": publisher, "log": tmp / "node.log", "ckpt": ckpt,
+               "model": (model, cfg), "ref": {0: (ref_depth, ref_unc)}, "max_range": max_range,
+               "max_unc": max_unc, "calib": load_kitti_calib(DATE_DIR, 2)}
+    finally:
+        publisher.close()
+        receiver.close()
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        log.close()
+
+
+def _check_cloud(cloud, depth, unc, K, rgb, s, max_range, max_unc):
+    pts = read_points(cloud)
+    assert pts.dtype.names == ("x", "y", "z", "rgb") and cloud.point_step == 32 and not cloud.is_dense
+    assert [f.offset for f in cloud.fields] == [0, 4, 8, 16] and cloud.is_bigendian is False
+    d = depth[::s, ::s].astype(np.float64)
+    assert pts.shape == d.shape
+    v, u = np.mgrid[0:depth.shape[0]:s, 0:depth.shape[1]:s]
+    valid = np.isfinite(d) & (d <= max_range) & (unc[::s, ::s] <= max_unc * d)
+    assert 0.2 < valid.mean() < 0.9, "thresholds chosen to leave valid and invalid points"
+    xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1).astype(np.float64)
+    expect = np.stack([(u - K[0, 2]) / K[0, 0] * d, (v - K[1, 2]) / K[1, 1] * d, d], -1)
+    np.testing.assert_allclose(xyz[valid], expect[valid], atol=1e-4, rtol=0)
+    assert np.isnan(xyz[~valid]).all()
+    packed = pts["rgb"].view(np.uint32)
+    c = rgb[::s, ::s].astype(np.uint32)
+    np.testing.assert_array_equal(packed, (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2])
+
+
+def test_outputs_of_real_kitti_frames(setup):
+    rx, pub, calib = setup["rx"], setup["pub"], setup["calib"]
+    K = calib.K
+    W, H = calib.image_size
+    rgb = cv2.imread(str(FRAMES[0]))[..., ::-1].copy()
+    ref_depth, ref_unc = setup["ref"][0]
+    for sec, variant in ((100, "rgb8"), (101, "bgr8"), (102, "padded")):
+        assert pub.send(f"frame 0 {sec} {variant}") == "ok"
+        msgs = {t: rx.wait_for(t, sec) for t in TOPICS}
+        for t, m in msgs.items():
+            assert m.header.frame_id == FRAME_ID and m.header.stamp.nanosec == 0, t
+        depth_msg, unc_msg, col = msgs["depth"], msgs["depth/uncertainty"], msgs["depth/colored"]
+        for m, enc, step in ((depth_msg, "32FC1", 4 * W), (unc_msg, "32FC1", 4 * W), (col, "rgb8", 3 * W)):
+            assert (m.width, m.height, m.encoding, m.step, m.is_bigendian) == (W, H, enc, step, 0)
+        depth = np.frombuffer(depth_msg.data, np.float32).reshape(H, W)
+        unc = np.frombuffer(unc_msg.data, np.float32).reshape(H, W)
+        # Same checkpoint, same frame: the node's depth is the model's (whatever the encoding was).
+        np.testing.assert_allclose(depth, ref_depth, rtol=1e-4)
+        np.testing.assert_allclose(unc, ref_unc, rtol=1e-3, atol=1e-4)
+        info = msgs["depth/camera_info"]
+        assert (info.width, info.height) == (W, H)
+        np.testing.assert_allclose(np.array(info.k).reshape(3, 3), K)
+        _check_cloud(msgs["points"], depth, unc, K, rgb, 1, setup["max_range"], setup["max_unc"])
+
+
+def test_params_file_keys_are_declared_by_the_running_node(setup):
+    def flatten(d, prefix=""):
+        for k, v in d.items():
+            yield from flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+
+    keys = set(flatten(yaml.safe_load(PARAMS_FILE.read_text())["/**"]["ros__parameters"]))
+    names = set(setup["rx"].call(ListParameters, "/depth_node/list_parameters",
+                                 ListParameters.Request()).result.names)
+    assert keys and keys <= names, keys - names
+
+
+def test_runtime_parameter_changes(setup):
+    rx, pub, calib = setup["rx"], setup["pub"], setup["calib"]
+    assert rx.set_param("points.decimation", 4).successful
+    assert not rx.set_param("scale.mode", "bogus").successful
+    assert not rx.set_param("min_depth", 500.0).successful  # above max_depth
+    assert not rx.set_param("checkpoint", "/elsewhere.pt").successful  # read-only
+    assert pub.send("frame 1 110 rgb8") == "ok"
+    cloud = rx.wait_for("points", 110)
+    depth_msg = rx.wait_for("depth", 110)
+    unc_msg = rx.wait_for("depth/uncertainty", 110)
+    W, H = calib.image_size
+    assert (cloud.height, cloud.width) == (-(-H // 4), -(-W // 4))
+    depth = np.frombuffer(depth_msg.data, np.float32).reshape(H, W)
+    unc = np.frombuffer(unc_msg.data, np.float32).reshape(H, W)
+    rgb = cv2.imread(str(FRAMES[1]))[..., ::-1].copy()
+    _check_cloud(cloud, depth, unc, calib.K, rgb, 4, setup["max_range"], setup["max_unc"])
+    assert rx.set_param("points.decimation", 1).successful
+
+
+def test_malformed_messages_do_not_kill_the_node(setup):
+    rx, pub = setup["rx"], setup["pub"]
+    assert pub.send("bad 100 2000") == "ok"
+    assert pub.send("mismatched_info 2500") == "ok"
+    depth = rx.wait_for("depth", 2500)  # depth still published, points not (K does not fit)
+    assert depth.width == 1242
+    assert pub.send("frame 2 2600 rgb8") == "ok"
+    rx.wait_for("points", 2600)
+    time.sleep(1.2)
+    assert int(rx.last_diag()["bad frames"]) >= 20
+    assert setup["node"].poll() is None
+    log = setup["log"].read_text()
+    for text in ("unsupported encoding 'xyz42'", "camera_info does not fit the image"):
+        assert text in log
+    # Throttled: 100 bad frames in about a second give a handful of lines, not 100.
+    assert log.count("dropped a frame") < 10
+
+
+def test_flood_drops_stale_frames_with_bounded_latency_and_flat_memory(setup):
+    rx, pub, node = setup["rx"], setup["pub"], setup["node"]
+    dropped0 = int(rx.last_diag().get("dropped frames", 0))
+    n1 = int(pub.send("flood 3").split()[1])
+    rss1 = _rss_mb(node.pid)
+    t_mid = time.time()
+    n2 = int(pub.send("flood 3").split()[1])
+    rss2 = _rss_mb(node.pid)
+    assert pub.send("frame 3 3000 rgb8") == "ok"
+    rx.wait_for("depth", 3000, timeout=5.0)  # answers at once after the flood
+    time.sleep(1.2)
+    diag = rx.last_diag()
+    with rx.lock:
+        late = [(t - (s + ns * 1e-9)) for s, ns, t in rx.arrival["depth"] if t > t_mid and s > 10**9]
+    processed = len(late)
+    assert n1 + n2 > 100 and processed >= 5
+    assert int(diag["dropped frames"]) - dropped0 > (n1 + n2) // 3
+    # Newest frame first: publish-to-receive latency stays near one inference, never queues up.
+    assert max(late) < 1.5, max(late)
+    assert rss2 - rss1 < 30, (rss1, rss2)
+
+
+def test_ctrl_c_shuts_down_cleanly(setup):
+    node = setup["node"]
+    node.send_signal(signal.SIGINT)
+    assert node.wait(timeout=15) == 0
+    assert "Traceback" not in setup["log"].read_text()
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_startup_error(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
+    cases = {tmp_path / "missing.pt": "not found", tmp_path / "corrupt.pt": "corrupt"}
+    procs = {path: subprocess.Popen([str(CONSOLE_SCRIPT), "--ros-args", "--params-file", str(PARAMS_FILE),
+                                     "-p", f"checkpoint:={path}"], stderr=subprocess.PIPE, text=True,
+                                    env=node_env()) for path in cases}
+    for path, why in cases.items():
+        _, err = procs[path].communicate(timeout=60)
+        assert procs[path].returncode == 1
+        assert "cannot start" in err and str(path) in err and why in err, err
+        assert "Traceback" not in err
