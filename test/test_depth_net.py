@@ -208,3 +208,24 @@ def test_checkpoint_round_trip_with_sd(tmp_path):
     with torch.no_grad():
         a, b = model(img), loaded(img)
     assert loaded_cfg == cfg and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_program_matches_eager(tmp_path):
+    from diffsql_model.export import ExportError, export_depth_net, load_exported
+
+    torch.manual_seed(0)
+    cfg = get_preset("lite", num_bins=16)
+    model = DiffSQLDepth(cfg).eval()
+    export_depth_net(model, cfg, tmp_path / "m.pt2", height=64, width=96)
+    program, loaded_cfg = load_exported(tmp_path / "m.pt2")
+    img = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = model(img), program(img)
+    assert loaded_cfg == cfg
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    (tmp_path / "bad.pt2").write_bytes(b"junk")
+    with pytest.raises(ExportError, match="bad.pt2"):
+        load_exported(tmp_path / "bad.pt2")
+    with pytest.raises(ExportError, match="SD features"):
+        export_depth_net(model, get_preset("tiny_sd"), tmp_path / "sd.pt2")
