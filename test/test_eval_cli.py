@@ -264,3 +264,19 @@ def test_bag_protocol_cli(kitti_raw, tmp_path):
     # also keeps row/column 0, which the devkit convention drops: ~15 pixels of ~17k)
     assert res["metrics"]["a1"] > 0.99 and res["metrics"]["abs_rel"] < 0.01
     assert res["scaling"]["median"] == pytest.approx(0.5, rel=5e-3)
+
+
+def test_truncated_scan_stops_the_run_with_its_name(kitti_raw, tmp_path, capsys):
+    day = tmp_path / "raw" / "2011_09_26"
+    scans = day / DRIVE.split("/")[1] / "velodyne_points" / "data"
+    scans.mkdir(parents=True)
+    for name in ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt"):
+        (day / name).symlink_to(kitti_raw / "2011_09_26" / name)
+    full = G.kitti_velodyne_path(kitti_raw, DRIVE, 5).read_bytes()
+    (scans / "0000000005.bin").write_bytes(full[: len(full) // 2 + 5])
+    split = write_split(tmp_path, (5,))
+    np.savez(tmp_path / "p.npz", depth=np.ones((1, 375, 1242), np.float32))
+    assert cli.main(["--protocol", "eigen", "--data", str(tmp_path / "raw"), "--split-file", str(split),
+                     "--predictions", str(tmp_path / "p.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "0000000005.bin" in err and "truncated" in err
