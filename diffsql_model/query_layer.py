@@ -91,6 +91,8 @@ class DynamicSelfQueryLayer(nn.Module):
         A = F.softmax(A, dim=-1)
         q_out = torch.einsum("bkl,blc->bkc", A, H)  # Eq. 6
         Q = self.query_proj(q_out)  # B x K x E
+        # Eq. 7 names Q_dynamic, which lives in token space (C); S has E channels, so the attended
+        # Q_output of Eq. 6, projected to E, is what meets S here.
         V = torch.einsum("bke,behw->bkhw", Q, S)  # Eq. 7, self_cost_volume
         # Eq. 8: per query, pixels pooled by softmax(V_i) over all h*w pixels; summed over queries.
         attn = F.softmax(V.flatten(2), dim=-1)  # B x K x hw
