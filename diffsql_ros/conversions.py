@@ -132,7 +132,7 @@ def array_to_image(arr: np.ndarray, encoding: str, header=None) -> Image:
 
 def colorize_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
     """HxW metres -> HxWx3 uint8 RGB turbo map of inverse depth (near = warm); NaN -> black."""
-    inv = 1.0 / np.clip(depth, min_depth, max_depth)
+    inv = 1.0 / np.clip(np.nan_to_num(depth, nan=max_depth), min_depth, max_depth)
     lo, hi = 1.0 / max_depth, 1.0 / min_depth
     u8 = ((inv - lo) * (255.0 / (hi - lo))).astype(np.uint8)
     rgb = cv2.applyColorMap(u8, cv2.COLORMAP_TURBO)[..., ::-1]  # OpenCV maps are BGR
@@ -140,9 +140,3 @@ def colorize_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.
     rgb[~np.isfinite(depth)] = 0
     return rgb
 
-
-def colorize_scalar(values: np.ndarray, max_value: float) -> np.ndarray:
-    """HxW non-negative values (uncertainty) -> HxWx3 uint8 RGB, 0 black .. max_value bright."""
-    v = np.nan_to_num(values, nan=max_value) * (255.0 / max(max_value, 1e-9))
-    u8 = np.clip(v, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(cv2.applyColorMap(u8, cv2.COLORMAP_INFERNO)[..., ::-1])
