@@ -1,0 +1,119 @@
+"""launch/depth.launch.py, config/depth.yaml and config/depth.rviz agree with the package.
+
+launch_ros cannot be installed here, so the launch file is read with `ast`, never imported;
+test_depth_node.py runs the same console script with the same params file for real.
+"""
+import ast
+import fnmatch
+import importlib
+import importlib.metadata
+import pathlib
+
+import pytest
+import yaml
+
+pytest.importorskip("rclpy")
+from diffsql_ros.depth_node import PUBLISHED_TOPICS, SUBSCRIBED_TOPICS  # noqa: E402
+from diffsql_ros.node_params import PARAMETERS  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch" / "depth.launch.py"
+PARAMS = ROOT / "config" / "depth.yaml"
+RVIZ = ROOT / "config" / "depth.rviz"
+
+
+def _const(node):
+    return node.value if isinstance(node, ast.Constant) else None
+
+
+def _calls(tree, name):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)]
+
+
+def _kw(call, name):
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+@pytest.fixture(scope="module")
+def launch_tree():
+    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+
+
+@pytest.fixture(scope="module")
+def launch_args(launch_tree):
+    return {_const(c.args[0]): _const(_kw(c, "default_value")) for c in _calls(launch_tree, "DeclareLaunchArgument")}
+
+
+def _setup_data_globs():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    return [_const(n) for n in ast.walk(tree) if isinstance(_const(n), str) and "*" in _const(n)]
+
+
+def test_launch_runs_the_console_script_of_this_package(launch_tree):
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in launch_tree.body)
+    nodes = {(_const(_kw(c, "package")), _const(_kw(c, "executable"))) for c in _calls(launch_tree, "Node")}
+    assert ("diffsql_ros", "depth_node") in nodes and ("rviz2", "rviz2") in nodes
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts["depth_node"] == "diffsql_ros.depth_node:main"
+    module, func = scripts["depth_node"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    # ament_python installs launch/ and config/ files by these setup.py globs.
+    globs = _setup_data_globs()
+    for path in (LAUNCH, PARAMS, RVIZ):
+        rel = str(path.relative_to(ROOT))
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
+
+
+def test_launch_arguments_and_files(launch_tree, launch_args):
+    assert {"params_file", "checkpoint", "image", "camera_info", "rviz", "camera_frame"} <= set(launch_args)
+    used = {_const(c.args[0]) for c in _calls(launch_tree, "LaunchConfiguration")}
+    assert used <= set(launch_args), used - set(launch_args)
+    # The default params file and rviz config are config/depth.yaml and config/depth.rviz of the share dir.
+    joins = [[_const(e) for e in c.args[0].elts] for c in _calls(launch_tree, "PathJoinSubstitution")]
+    assert [None, "config", "depth.yaml"] in joins and [None, "config", "depth.rviz"] in joins
+
+
+def test_remappings_name_topics_the_node_uses(launch_tree):
+    node = next(c for c in _calls(launch_tree, "Node") if _const(_kw(c, "executable")) == "depth_node")
+    remaps = [_const(t.elts[0]) for t in _kw(node, "remappings").elts]
+    assert set(remaps) == {"image", "image/compressed", "camera_info"}
+    assert set(remaps) <= set(SUBSCRIBED_TOPICS) | set(PUBLISHED_TOPICS)
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def test_every_params_file_key_is_declared_with_the_same_type():
+    doc = yaml.safe_load(PARAMS.read_text())
+    assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
+    values = dict(_flatten(doc["/**"]["ros__parameters"]))
+    declared = {p.name: p for p in PARAMETERS}
+    assert set(values) <= set(declared), set(values) - set(declared)
+    for name, value in values.items():
+        p = declared[name]
+        # rclpy refuses an int for a double parameter: the YAML literal must have the declared type.
+        assert type(value) is type(p.default), (name, value, p.default)
+        assert value == p.default, f"{name}: params file {value!r} != declared default {p.default!r}"
+        if p.choices:
+            assert value in p.choices
+    assert all(p.description for p in PARAMETERS)
+
+
+def test_rviz_config_shows_the_node_outputs(launch_args):
+    cfg = yaml.safe_load(RVIZ.read_text())["Visualization Manager"]
+    displays = {d["Class"].split("/")[-1] + ":" + d["Topic"]["Value"]: d for d in cfg["Displays"] if "Topic" in d}
+    assert set(displays) == {"Image:/depth/colored", "Image:/depth/uncertainty", "PointCloud2:/points"}
+    for d in displays.values():
+        assert d["Topic"]["Value"].lstrip("/") in PUBLISHED_TOPICS
+        # The node publishes reliable by default; a Reliable subscription matches it.
+        assert d["Topic"]["Reliability Policy"] == "Reliable"
+    default_rel = next(p.default for p in PARAMETERS if p.name == "output_reliability")
+    assert default_rel == "reliable"
+    assert displays["PointCloud2:/points"]["Color Transformer"] == "RGB8"
+    assert cfg["Global Options"]["Fixed Frame"] == launch_args["camera_frame"]
