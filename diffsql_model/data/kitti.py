@@ -6,6 +6,7 @@ Layout: `<root>/<date>/<drive>/image_02|image_03/data/<frame:010d>.png|jpg`, cal
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 from typing import Iterable, Sequence
 
@@ -119,19 +120,26 @@ class KittiRawDataset(torch.utils.data.Dataset):
         self.augment = augment or AugmentConfig()
         self._calib_cache: dict = {}
         self._stamp_cache: dict = {}
+        self._listings: dict = {}
+        self._root_str = str(self.root)
         self.dropped: list[tuple[str, list[str]]] = []
         self._check_files(on_missing)
+        self._listings = {}  # rebuilt lazily per worker by __getitem__ (image_ext="auto")
 
     # -- files ---------------------------------------------------------------------------
-    def _frame_path(self, folder: str, frame: int, side: str) -> pathlib.Path:
-        base = self.root / folder / f"image_0{SIDE_TO_CAM[side]}" / "data" / f"{frame:010d}"
+    def _exists(self, path: str) -> bool:
+        """File test through one cached listing per folder (a split has ~40k lines; plain
+        strings because pathlib costs seconds here)."""
+        folder, name = os.path.split(path)
+        if folder not in self._listings:
+            self._listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        return name in self._listings[folder]
+
+    def _frame_path(self, folder: str, frame: int, side: str) -> str:
+        base = f"{self._root_str}/{folder}/image_0{SIDE_TO_CAM[side]}/data/{frame:010d}"
         if self.image_ext != "auto":
-            return base.with_suffix("." + self.image_ext)
-        png = base.with_suffix(".png")
-        if png.is_file():
-            return png
-        jpg = base.with_suffix(".jpg")
-        return jpg if jpg.is_file() else png
+            return f"{base}.{self.image_ext}"
+        return f"{base}.png" if self._exists(f"{base}.png") or not self._exists(f"{base}.jpg") else f"{base}.jpg"
 
     def _needed(self, folder: str, frame: int, side: str) -> dict:
         """frame id -> (path, side) for one split line."""
@@ -147,11 +155,11 @@ class KittiRawDataset(torch.utils.data.Dataset):
     def _check_files(self, on_missing: str) -> None:
         keep, problems = [], []
         for folder, frame, side in self.lines:
-            missing = [str(p) for p, _ in self._needed(folder, frame, side).values() if not p.is_file()]
+            missing = [str(p) for p, _ in self._needed(folder, frame, side).values() if not self._exists(p)]
             if self.use_calib:
                 for name in ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt"):
-                    p = self.root / folder.split("/")[0] / name
-                    if not p.is_file():
+                    p = f"{self._root_str}/{folder.split('/')[0]}/{name}"
+                    if not self._exists(p):
                         missing.append(str(p))
             if missing:
                 problems.append((f"{folder} {frame} {side}", missing))
@@ -183,7 +191,7 @@ class KittiRawDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         folder, frame, side = self.lines[index]
         date = folder.split("/")[0]
-        images = {fid: load_rgb(path) for fid, (path, _) in self._needed(folder, frame, side).items()}
+        images = {fid: load_rgb(pathlib.Path(path)) for fid, (path, _) in self._needed(folder, frame, side).items()}
         h0, w0 = images[0].shape[:2]
         baseline = None
         if self.use_calib:
