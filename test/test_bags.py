@@ -214,3 +214,15 @@ def test_nearest_by_stamp_and_pairer():
     strict = StampPairer(tolerance_ns=0, fallback_latest=False)
     strict.add(100, "a")
     assert strict.match(100) == "a" and strict.match(101) is None
+
+
+def test_dataloader_workers_reopen_the_bag(bags):
+    # the parent already holds a reader (sqlite handles must not cross fork): workers open their own
+    ds = BagDataset(bags["sqlite3"] / "sqlite3.db3", 96, 320, (0, -1, 1), image_topic="/camera/left/image_raw",
+                    is_train=False)  # the storage file instead of its folder is accepted too
+    first = ds[0][("color", 0)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert [b[("color", 0)].shape[0] for b in batches] == [2, 2]
+    assert torch.equal(batches[0][("color", 0)][0], first)
+    assert torch.equal(batches[1]["stamp"], torch.tensor([ds[2]["stamp"], ds[3]["stamp"]]))
