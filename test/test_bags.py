@@ -157,6 +157,12 @@ def test_padded_rows_bad_encoding_and_pointcloud_field_i():
     padded[:, :9] = rgb.reshape(2, 9)
     msg.step, msg.data = 12, padded.reshape(-1)  # rows padded to 12 bytes
     assert np.array_equal(decode_image(msg, "sensor_msgs/msg/Image"), rgb)
+    bgra = np.concatenate([rgb[:, :, ::-1], np.full((2, 3, 1), 255, np.uint8)], axis=2)
+    msg.encoding, msg.step, msg.data = "bgra8", 12, bgra.reshape(-1)
+    assert np.array_equal(decode_image(msg, "sensor_msgs/msg/Image"), rgb)
+    msg.step = 4  # shorter than a row
+    with pytest.raises(BagError, match="step 4"):
+        decode_image(msg, "sensor_msgs/msg/Image")
     msg.encoding = "16UC1"
     with pytest.raises(BagError, match="unsupported image encoding '16UC1'"):
         decode_image(msg, "sensor_msgs/msg/Image")

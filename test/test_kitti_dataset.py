@@ -113,6 +113,9 @@ def test_missing_neighbour_error_names_the_file_or_is_dropped_and_listed(kitti_r
     assert ds.dropped[0][0] == f"{DRIVE} 0 l" and ds.dropped[0][1][0].endswith("-000000001.png")
     with pytest.raises(KittiDataError, match="image_03/data/0000000024.png"):  # frame 24 absent
         make(kitti_raw, [f"{DRIVE} 25 r"], frame_ids=(0, -1))
+    with pytest.raises(KittiDataError, match="velodyne_points/data/0000000050.bin"):  # image, no scan
+        make(kitti_raw, [f"{DRIVE} 50 l"], frame_ids=(0,), load_depth=True)
+    assert len(make(kitti_raw, [f"{DRIVE} 50 l"], frame_ids=(0,))) == 1
 
 
 def test_split_file_parsing(splits_dir, tmp_path):

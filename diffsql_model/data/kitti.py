@@ -156,6 +156,10 @@ class KittiRawDataset(torch.utils.data.Dataset):
         keep, problems = [], []
         for folder, frame, side in self.lines:
             missing = [str(p) for p, _ in self._needed(folder, frame, side).values() if not self._exists(p)]
+            if self.load_depth:
+                scan = f"{self._root_str}/{folder}/velodyne_points/data/{frame:010d}.bin"
+                if not self._exists(scan):
+                    missing.append(scan)
             if self.use_calib:
                 for name in ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt"):
                     p = f"{self._root_str}/{folder.split('/')[0]}/{name}"
