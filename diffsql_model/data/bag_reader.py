@@ -190,22 +190,23 @@ def read_camera_stream(path, image_topic: str | None = None, info_topic: str | N
                        K: np.ndarray | None = None) -> Iterator[CameraFrame]:
     """Yield CameraFrame for every image of one camera, K from the camera_info nearest in stamp
     (or `K` given explicitly when the bag has no camera_info)."""
-    from diffsql_model.data.pairing import StampPairer
+    from diffsql_model.data.pairing import nearest_by_stamp
 
     with open_bag(path) as reader:
         topic = pick_topic(reader, image_topic, IMAGE_TYPES, "camera image", path)
         info = None if K is not None else info_topic_for(reader, topic, info_topic, path)
-        infos = StampPairer(capacity=1 << 30, tolerance_ns=0, fallback_latest=True)
+        info_stamps, info_K = [], []
         if info is not None:
             conns = [c for c in reader.connections if c.topic == info]
-            for _, _, msg in iter_messages(reader, conns, path):
-                infos.add(stamp_ns(msg.header), camera_matrix(msg))
-            if not len(infos):
+            pairs = sorted(((stamp_ns(m.header), camera_matrix(m)) for _, _, m in iter_messages(reader, conns, path)),
+                           key=lambda p: p[0])
+            if not pairs:
                 raise BagError(f"{path}: camera_info topic {info} holds no message")
+            info_stamps, info_K = [p[0] for p in pairs], [p[1] for p in pairs]
         conns = [c for c in reader.connections if c.topic == topic]
         for conn, _, msg in iter_messages(reader, conns, path):
             t = stamp_ns(msg.header)
-            k = np.asarray(K, dtype=np.float64) if K is not None else infos.match(t)
+            k = np.asarray(K, dtype=np.float64) if K is not None else info_K[nearest_by_stamp(info_stamps, t)]
             yield CameraFrame(t, decode_image(msg, conn.msgtype), k, msg.header.frame_id)
 
 
