@@ -74,7 +74,10 @@ class RunLogger:
                 self.writer.add_scalar(f"val/{key}", value, self.t.step)
         msg = (f"step {self.t.step}: val AbsRel {metrics['abs_rel']:.4f} RMSE {metrics['rmse']:.3f} "
                f"d1 {metrics['a1']:.3f} ({metrics['frames']} frames, scale {metrics['scale_median']:.3g})")
-        (self.bar.write if self.bar is not None else print)(msg)
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
 
     def close(self, summary: dict) -> None:
         if not self.enabled:

@@ -80,6 +80,9 @@ class Trainer:
         self.last_val: dict = {}
         if resume:
             self._resume()
+            if self.ctx.is_main:
+                print(f"resumed from {self.out / 'last.pt'} at step {self.step} (epoch {self.epoch})",
+                      flush=True)
 
         self.ddp_model, self.ddp_pose = self.model, self.pose_net
         if self.ctx.enabled:

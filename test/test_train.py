@@ -1,0 +1,184 @@
+"""Training: config, a loss that goes down, checkpoints (contents, resume after SIGKILL, bad files),
+and (slow) the lite model learning depth on synthetic drives."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import KITTI_RAW, ROOT
+from diffsql_model.checkpoint import load_checkpoint, load_model
+from diffsql_model.train.config import TrainConfig, resolve_model_config
+from diffsql_model.yaml_config import ConfigError
+
+PY = sys.executable
+DRIVE = "2011_09_26/2011_09_26_drive_0023_sync"  # real KITTI frames 0-6, both cameras
+
+
+def kitti_config(tmp_path: pathlib.Path, **sections) -> pathlib.Path:
+    """A small training YAML on the real KITTI sample (triplet centres 1-5, both cameras)."""
+    split = tmp_path / "train.txt"
+    split.write_text("".join(f"{DRIVE} {f} {s}\n" for f in range(1, 6) for s in "lr"))
+    cfg = {
+        "name": "test",
+        "model": {"preset": "lite", "overrides": {"height": 64, "width": 192}},
+        "data": {"kind": "kitti", "root": str(KITTI_RAW), "train_split": str(split)},
+        "optim": {"batch_size": 2, "max_steps": 4},
+        "runtime": {"device": "cpu", "num_workers": 0, "checkpoint_every": 2, "val_every": 0,
+                    "log_every": 1, "image_every": 2, "progress": False},
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args, check=True, env_extra=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.run([PY, "-m", "diffsql_model.train.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"diffsql-train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_every_shipped_config_loads_and_resolves():
+    paths = sorted((ROOT / "config" / "train").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = TrainConfig.load_yaml(path)
+        model_cfg = resolve_model_config(cfg.model)
+        assert model_cfg.height % 32 == 0 and cfg.data.frame_ids[0] == 0
+    ms = TrainConfig.load_yaml(ROOT / "config" / "train" / "kitti_ms.yaml")
+    assert ms.data.stereo and ms.data.temporal_ids == [-1, 1]
+    assert TrainConfig.load_yaml(ROOT / "config" / "train" / "kitti_m.yaml").optim.lr == 1e-4
+
+
+def test_overrides_route_model_fields_and_reject_typos():
+    cfg = TrainConfig().with_overrides(["model.height=96", "model.sd.timestep=3", "optim.lr=2e-4"])
+    assert cfg.model.overrides == {"height": 96, "sd": {"timestep": 3}}
+    model_cfg = resolve_model_config(cfg.model)
+    assert (model_cfg.height, model_cfg.sd.timestep, model_cfg.num_bins) == (96, 3, 32)  # lite keeps 32 bins
+    assert cfg.optim.lr == 2e-4
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig().with_overrides(["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        resolve_model_config(TrainConfig().with_overrides(["model.height=100"]).model)
+    with pytest.raises(ConfigError, match="start with 0"):
+        TrainConfig.from_dict({"data": {"frame_ids": [-1, 0, 1]}})
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig.from_dict({"runtime": {"precision": "fp8"}})
+
+
+@pytest.mark.parametrize("frames", [[0, -1, 1], [0, -1, 1, "s"]], ids=["M", "MS"])
+def test_loss_decreases_on_a_fixed_batch(tmp_path, frames):
+    """Real KITTI triplets: 12 Adam steps on one batch cut the self-supervised loss clearly."""
+    from diffsql_model.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig.load_yaml(kitti_config(tmp_path, data={"frame_ids": frames},
+                                             optim={"lr": 5e-4, "batch_size": 2}))
+    trainer = Trainer(cfg, tmp_path / "out")
+    batch = trainer._to_device(next(iter(trainer.loader)))
+    assert ("color", "s") in batch if "s" in frames else ("color", "s") not in batch
+    losses = []
+    for _ in range(12):
+        _, out, _, _ = trainer.train_step(batch)
+        losses.append(float(out["loss"]))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-3:]) < 0.8 * losses[0], losses
+
+
+def test_run_writes_checkpoint_logs_and_summary(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("--config", kitti_config(tmp_path), "--out", out)
+    assert "waiting for data" in proc.stdout
+    state = torch.load(out / "last.pt", weights_only=True)  # plain data only: RNG states included
+    assert state["step"] == 4 and state["epoch"] == 0 and state["batch_in_epoch"] == 4
+    assert {"model", "pose_net", "optimizer", "scheduler", "rng", "model_config", "train_config"} <= set(state)
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["train_config"]["optim"]["max_steps"] == 4
+    model, model_cfg = load_model(out / "last.pt")
+    assert (model_cfg.height, model_cfg.width) == (64, 192)
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 192))["depth"].shape == (1, 1, 64, 192)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4 and 0.0 <= summary["data_wait_fraction"] < 1.0 and summary["images_per_s"] > 0
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "speed/data_wait_fraction" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Images("train/input_depth_uncertainty")] == [2, 4]
+    # Without --resume an existing run is never overwritten.
+    again = run_cli("--config", kitti_config(tmp_path), "--out", out, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def _params(path) -> dict:
+    state = load_checkpoint(path)
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"pose.{k}": v for k, v in state["pose_net"].items()}}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    """Kill -9 mid-run after a checkpoint; --resume continues from that step and ends with the
+    same weights and optimizer state as a run never interrupted (same seed, 1 thread)."""
+    config = kitti_config(tmp_path, optim={"max_steps": 1000}, runtime={"checkpoint_every": 2})
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([PY, "-m", "diffsql_model.train.cli", "--config", str(config), "--out", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt_step = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and ckpt_step < 4:
+        time.sleep(0.2)
+        if (killed / "last.pt").exists():
+            ckpt_step = load_checkpoint(killed / "last.pt")["step"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt_step >= 4, proc.stderr.read().decode()[-2000:]
+    ckpt_step = load_checkpoint(killed / "last.pt")["step"]  # it may have written one more
+    final = ckpt_step + 3  # crosses the epoch end (5 batches) and the lr scheduler step
+    resumed = run_cli("--config", config, "--out", killed, "--resume", "--set", f"optim.max_steps={final}")
+    assert f"resumed from {killed / 'last.pt'} at step {ckpt_step}" in resumed.stdout
+    straight = tmp_path / "straight"
+    run_cli("--config", config, "--out", straight, "--set", f"optim.max_steps={final}")
+    a, b = load_checkpoint(killed / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert a["step"] == b["step"] == final and a["epoch"] == b["epoch"]
+    pa, pb = _params(killed / "last.pt"), _params(straight / "last.pt")
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=1e-6, msg=key)
+    exp_a = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
+    exp_b = [s["exp_avg"] for s in b["optimizer"]["state"].values()]
+    for x, y in zip(exp_a, exp_b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    config = kitti_config(tmp_path, optim={"max_steps": 2})
+    out = tmp_path / "out"
+    run_cli("--config", config, "--out", out)
+    good = (out / "last.pt").read_bytes()
+    mismatch = run_cli("--config", config, "--out", out, "--resume", "--set", "model.num_bins=48",
+                       "--set", "optim.max_steps=3", check=False)
+    assert mismatch.returncode == 1 and "model config differs" in mismatch.stderr and "num_bins" in mismatch.stderr
+    (out / "last.pt").write_bytes(good[: len(good) // 2])
+    corrupt = run_cli("--config", config, "--out", out, "--resume", check=False)
+    assert corrupt.returncode == 1 and "corrupt" in corrupt.stderr
+    missing = run_cli("--config", config, "--out", tmp_path / "nothing", "--resume", check=False)
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+    bad = run_cli("--config", config, "--set", "optim.nope=1", check=False)
+    assert bad.returncode == 2 and "unknown key" in bad.stderr
