@@ -4,8 +4,8 @@
     python bench/model_speed.py --device cuda --sd-arch v1.5 --runs 10
 Weights are random (speed does not depend on them). SD presets use the tiny SD on CPU unless
 --sd-arch v1.5 is given. Peak memory: CUDA allocator peak on GPU; on CPU the rise of the
-process's peak RSS (VmHWM, reset before each measurement) over its RSS before the first
-forward, warm-up included.
+process's peak RSS (VmHWM, reset before the timed runs) over its RSS before them, with
+glibc's mmap threshold fixed so freed tensors leave RSS: activation memory of one forward.
 Prints a markdown table last.
 """
 from __future__ import annotations
@@ -69,11 +69,11 @@ def measure(model, image, device, dtype, runs):
             torch.cuda.synchronize()
         return out
 
+    out = forward()  # warm-up: one-time allocations (kernel caches, lazy buffers) stay outside
+    ok = all(torch.isfinite(v.float()).all() for v in out.values())
+    del out
     times = []
-    # The first (warm-up) call is inside: later calls reuse memory the allocator already holds.
     with PeakMemory(device) as mem:
-        out = forward()
-        ok = all(torch.isfinite(v.float()).all() for v in out.values())
         for _ in range(runs):
             t = time.perf_counter()
             forward()
@@ -94,6 +94,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no-bf16", action="store_true")
     args = ap.parse_args(argv)
+    if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        # A fixed mmap threshold makes glibc return every large tensor to the OS when freed
+        # (by default it raises the threshold and keeps them), so RSS peaks are per forward.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sd_arch = args.sd_arch or ("tiny" if device.type == "cpu" else None)
@@ -124,7 +129,7 @@ def main(argv=None):
     precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
     print()
     print("| preset | backbone | SD | queries | params (M) | trainable (M) | "
-          + " | ".join(f"{p} ms | {p} peak MB" for p in precisions) + " |")
+          + " | ".join(f"{p} ms | {p} fwd peak MB" for p in precisions) + " |")
     print("|" + "---|" * (6 + 2 * len(precisions)))
     for name, bb, sd, q, params, trainable, res in rows:
         cells = " | ".join(f"{res[p][0]:.1f}{'' if res[p][2] else ' (non-finite!)'} | {res[p][1]:.0f}"
