@@ -229,3 +229,22 @@ def test_export_program_matches_eager(tmp_path):
         load_exported(tmp_path / "bad.pt2")
     with pytest.raises(ExportError, match="SD features"):
         export_depth_net(model, get_preset("tiny_sd"), tmp_path / "sd.pt2")
+
+
+@needs_sd
+@pytest.mark.slow
+def test_paper_model_v15_architecture():
+    """The full diffsql_r50 (SD v1.5 architecture, random weights): sizes from PROTOCOLS.md."""
+    torch.manual_seed(0)
+    cfg = get_preset("diffsql_r50", weights="none")
+    model = DiffSQLDepth(cfg).eval()
+    unet_m = sum(p.numel() for p in model.sd.unet.parameters()) / 1e6
+    assert abs(unet_m - 859.5) < 0.1
+    assert all(not p.requires_grad for p in model.sd.unet.parameters())
+    img = torch.rand(1, 3, 192, 640)
+    with torch.no_grad():
+        sd = model.sd(img)
+        out = model(img)
+    assert sd["tokens"].shape == (1, 6 * 20, 1280)  # up block 0: 1280 @ 6 x 20
+    assert sd["features"].shape == (1, cfg.sd.channels, 24, 80)
+    check_outputs(out, cfg, 1, 192, 640)
