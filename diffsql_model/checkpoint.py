@@ -90,9 +90,13 @@ def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu"):
         cfg = ModelConfig.from_dict(state["model_config"])
     except (ConfigError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: stored model_config is invalid: {e}") from None
-    # The trained weights replace the encoder's initial ones: never fetch ImageNet weights here.
-    model = build_model(dataclasses.replace(cfg, weights="none"))
     if not isinstance(state["model"], dict):
         raise CheckpointError(f"{path}: 'model' is a {type(state['model']).__name__}, not a state dict")
+    # The stored weights replace the initial ones: never fetch ImageNet weights, and when the SD
+    # weights are stored too, build SD from its architecture instead of reading its folder.
+    build_cfg = dataclasses.replace(cfg, weights="none")
+    if cfg.sd.enabled and any(k.startswith("sd.unet.") for k in state["model"]):
+        build_cfg = dataclasses.replace(build_cfg, sd=dataclasses.replace(cfg.sd, pretrained_path=None))
+    model = build_model(build_cfg)
     load_state_strict(model, state["model"], "model", path)
     return model.to(device).eval(), cfg

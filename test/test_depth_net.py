@@ -248,3 +248,25 @@ def test_paper_model_v15_architecture():
     assert sd["tokens"].shape == (1, 6 * 20, 1280)  # up block 0: 1280 @ 6 x 20
     assert sd["features"].shape == (1, cfg.sd.channels, 24, 80)
     check_outputs(out, cfg, 1, 192, 640)
+
+
+@needs_sd
+def test_load_model_does_not_need_the_sd_folder(tmp_path):
+    """SD weights travel in the checkpoint: the robot needs no diffusers folder to load it."""
+    import shutil
+
+    from diffsql_model.tiny_sd import build_tiny_sd_folder
+
+    build_tiny_sd_folder(tmp_path / "sd", with_text_encoder=True)
+    torch.manual_seed(0)
+    cfg = get_preset("tiny_sd", sd={"pretrained_path": str(tmp_path / "sd")})
+    model = DiffSQLDepth(cfg).eval()
+    save_checkpoint(tmp_path / "c.pt", {"model_config": cfg.to_dict(), "model": model.state_dict()})
+    shutil.rmtree(tmp_path / "sd")
+    loaded, loaded_cfg = load_model(tmp_path / "c.pt")
+    assert loaded_cfg.sd.pretrained_path == str(tmp_path / "sd")
+    img = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = model(img), loaded(img)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(loaded.sd.null_text, torch.zeros_like(loaded.sd.null_text))  # CLIP's, kept
