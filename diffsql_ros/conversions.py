@@ -6,6 +6,8 @@ naming what is wrong, so the node can log it and go on with the next frame.
 """
 from __future__ import annotations
 
+import array
+
 import cv2
 import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
@@ -126,17 +128,32 @@ def array_to_image(arr: np.ndarray, encoding: str, header=None) -> Image:
     msg.encoding = encoding
     msg.is_bigendian = 0
     msg.step = int(arr.strides[0])
-    msg.data = arr.tobytes()
+    msg.data = to_uint8_array(arr)
     return msg
+
+
+def to_uint8_array(arr: np.ndarray) -> array.array:
+    """Contiguous array -> array.array('B'): the type rclpy stores uint8[] fields in, so the
+    message setter keeps it as is (one memcpy; bytes would be copied twice)."""
+    out = array.array("B")
+    out.frombytes(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return out
+
+
+# Turbo colour map as a 256-entry RGB lookup table for cv2.LUT (OpenCV's maps are BGR).
+_TURBO = np.ascontiguousarray(
+    cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_TURBO)[:, 0, ::-1])[None]
+_TURBO[0, 0] = 0  # index 0 is reserved for invalid pixels: black
 
 
 def colorize_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
     """HxW metres -> HxWx3 uint8 RGB turbo map of inverse depth (near = warm); NaN -> black."""
-    inv = 1.0 / np.clip(np.nan_to_num(depth, nan=max_depth), min_depth, max_depth)
     lo, hi = 1.0 / max_depth, 1.0 / min_depth
-    u8 = ((inv - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    rgb = cv2.applyColorMap(u8, cv2.COLORMAP_TURBO)[..., ::-1]  # OpenCV maps are BGR
-    rgb = np.ascontiguousarray(rgb)
-    rgb[~np.isfinite(depth)] = 0
-    return rgb
-
+    # Inverse depth spreads the near range, where robots act; 1..255 valid, NaN -> 0 -> black.
+    inv = np.reciprocal(np.clip(depth, min_depth, max_depth))
+    inv -= lo
+    inv *= 254.0 / (hi - lo)
+    inv += 1.0
+    np.fmax(inv, 0.0, out=inv)  # fmax drops NaN: invalid -> 0
+    idx = inv.astype(np.uint8)
+    return cv2.LUT(cv2.cvtColor(idx, cv2.COLOR_GRAY2RGB), _TURBO)

@@ -143,7 +143,14 @@ class DepthNode(Node):
         self.slot.put((msg, time.perf_counter()))
 
     def _on_info(self, msg: CameraInfo):
-        self.infos.add(_stamp_ns(msg.header), msg)
+        stamp = _stamp_ns(msg.header)
+        latest = self.infos.latest()
+        if latest is not None and stamp < _stamp_ns(latest.header) - 1_000_000_000:
+            # Time jumped back (bag loop, sim restart): stale future stamps would win every match.
+            self.get_logger().warning("camera_info stamps jumped back: forgetting older camera_info",
+                                      throttle_duration_sec=5.0)
+            self.infos = StampPairer(capacity=32, tolerance_ns=self.infos.tolerance_ns)
+        self.infos.add(stamp, msg)
 
     # -- inference thread --------------------------------------------------------------------
     def _run(self):
@@ -231,7 +238,8 @@ class DepthNode(Node):
             rate_in, rate_out = (self.received - rec0) / dt, (self.processed - proc0) / dt
             self._last_diag = (now, self.received, self.processed)
             lat = list(self.latencies)
-            stages = {k: (sum(v) / len(v) if v else 0.0) for k, v in self.stage_ms.items()}
+            # Medians: a warm-up or GC outlier should not dominate the reported cost of a stage.
+            stages = {k: (float(np.median(v)) if v else 0.0) for k, v in self.stage_ms.items()}
             values = {"input rate (Hz)": f"{rate_in:.2f}", "output rate (Hz)": f"{rate_out:.2f}",
                       "latency mean (ms)": f"{1e3 * np.mean(lat):.1f}" if lat else "nan",
                       "latency max (ms)": f"{1e3 * np.max(lat):.1f}" if lat else "nan",

@@ -6,6 +6,9 @@ Layout: x, y, z float32 at offsets 0, 4, 8 (point_step 16), or + rgb float32 at 
 """
 from __future__ import annotations
 
+import array
+
+import cv2
 import numpy as np
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 
@@ -76,52 +79,58 @@ class PointCloudBuilder:
 
     def __init__(self):
         self._key = None
-        self._rays = None  # h' x w' x 2 float32: (u - cx)/fx, (v - cy)/fy on the decimated grid
-        self._buf = None
+        self._rays = None  # (rx, ry), each h' x w' float32: (u - cx)/fx, (v - cy)/fy on the grid
+        self._zeros = None
+        self._buf = None  # array('B') backing the last cloud
+        self._pts = None  # its float32 view, h' x w' x floats-per-point
 
     def _grid(self, K: np.ndarray, h: int, w: int, step: int):
         key = (tuple(np.round(K.ravel(), 9)), h, w, step)
         if key != self._key:
             u = np.arange(0, w, step, dtype=np.float64)
             v = np.arange(0, h, step, dtype=np.float64)
-            rays = np.empty((v.size, u.size, 2), np.float32)
-            rays[..., 0] = ((u - K[0, 2]) / K[0, 0])[None, :]
-            rays[..., 1] = ((v - K[1, 2]) / K[1, 1])[:, None]
-            self._key, self._rays = key, rays
+            rx = np.broadcast_to(((u - K[0, 2]) / K[0, 0])[None, :], (v.size, u.size)).astype(np.float32)
+            ry = np.broadcast_to(((v - K[1, 2]) / K[1, 1])[:, None], (v.size, u.size)).astype(np.float32)
+            self._key, self._rays = key, (rx, ry)
+            self._zeros = np.zeros((v.size, u.size), np.float32)
         return self._rays
 
     def build(self, depth: np.ndarray, K: np.ndarray, header, valid: np.ndarray | None = None,
               rgb: np.ndarray | None = None, decimation: int = 1) -> PointCloud2:
-        """depth HxW metres (NaN/<=0 invalid), valid HxW bool (extra mask), rgb HxWx3 uint8."""
+        """depth HxW metres (NaN/<=0 invalid), valid HxW bool (extra mask), rgb HxWx3 uint8.
+
+        The points are written straight into an array('B') that becomes msg.data without a copy;
+        it is reused by the next build, so publish (rclpy serialises at once) before rebuilding."""
         s = max(int(decimation), 1)
         h, w = depth.shape
-        rays = self._grid(K, h, w, s)
+        rx, ry = self._grid(K, h, w, s)
         z = depth[::s, ::s]
         ok = np.isfinite(z) & (z > 0)
         if valid is not None:
             ok &= valid[::s, ::s]
-        stride = 8 if rgb is not None else 4
-        shape = (rays.shape[0], rays.shape[1], stride)
-        if self._buf is None or self._buf.shape != shape:
-            self._buf = np.zeros(shape, np.float32)
-        pts = self._buf
-        zz = np.where(ok, z, np.float32(np.nan))
-        np.multiply(rays[..., 0], zz, out=pts[..., 0])
-        np.multiply(rays[..., 1], zz, out=pts[..., 1])
-        pts[..., 2] = zz
+        z = np.where(ok, z, np.float32(np.nan))  # NaN propagates into x and y
+        channels = [rx * z, ry * z, z, self._zeros]
         if rgb is not None:
-            c = rgb[::s, ::s].astype(np.uint32)
-            packed = (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]  # 0x00RRGGBB -> bytes b,g,r,0
-            pts[..., 4] = packed.view(np.float32)
+            # PCL's packed rgb float: uint32 0x00RRGGBB little-endian = bytes b, g, r, (a).
+            bgra = cv2.cvtColor(np.ascontiguousarray(rgb[::s, ::s]), cv2.COLOR_RGB2BGRA)
+            bgra[..., 3] = 0
+            channels += [bgra.view(np.float32)[..., 0], self._zeros, self._zeros, self._zeros]
+        shape = (z.shape[0], z.shape[1], len(channels))
+        nbytes = 4 * shape[0] * shape[1] * shape[2]
+        if self._buf is None or len(self._buf) != nbytes:
+            self._buf = array.array("B", bytes(nbytes))
+            self._pts = np.frombuffer(self._buf, dtype="<f4").reshape(shape)
+        # cv2.merge interleaves with SIMD straight into the message buffer (dst is reused).
+        cv2.merge(channels, self._pts)
         msg = PointCloud2()
         msg.header = header
         msg.height, msg.width = shape[0], shape[1]
         msg.fields = _fields(rgb is not None)
         msg.is_bigendian = False
-        msg.point_step = 4 * stride
+        msg.point_step = 4 * shape[2]
         msg.row_step = msg.point_step * shape[1]
         msg.is_dense = False
-        msg.data = pts.astype("<f4", copy=False).tobytes()
+        msg.data = self._buf
         return msg
 
 
