@@ -70,6 +70,11 @@ class NodeProcess:
                     "-p", f"checkpoint:={checkpoint}"]
         if compressed:
             self.cmd += ["-p", "image_transport:=compressed"]
+        if not any(p.startswith("input_qos:=") for p in extra_params):
+            # Best-effort (sensor_data) subscriptions lose big images across processes on a default
+            # Fast DDS set-up (1242x375 rgb8: none of them arrives): a replay must not lose frames
+            # in transport, so it subscribes reliably unless --node-param input_qos:=... says else.
+            self.cmd += ["-p", "input_qos:=reliable"]
         for p in extra_params:
             self.cmd += ["-p", p]
         self.log_path = log_path or pathlib.Path(tempfile.mkstemp(prefix="depth_node_", suffix=".log")[1])
@@ -158,7 +163,7 @@ def run(args) -> dict:
         player_node = Node("diffsql_bag_player", context=context)
         image_topic = f"{ns}/image/compressed" if compressed else f"{ns}/image"
         player = BP.Player(player_node, image_topic, f"{ns}/camera_info", topics.image_type)
-        evaluator = DepthEvaluator(ns, truth.depth_map, cfg, [], context=context)
+        evaluator = DepthEvaluator(ns, truth.depth_map, cfg, context=context)
         executor.add_node(player_node)
         executor.add_node(evaluator)
         spin.start()
