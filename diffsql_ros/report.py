@@ -68,12 +68,13 @@ def colorize_depth(depth: np.ndarray, min_depth: Optional[float] = None,
 
 
 def colorize_uncertainty(unc: np.ndarray, max_value: Optional[float] = None) -> np.ndarray:
-    """HxW std in metres -> BGR uint8 (viridis, 0 .. 99th percentile unless given)."""
+    """HxW std in metres -> BGR uint8 (viridis, 1st .. 99th percentile unless the top is given)."""
     unc = np.asarray(unc, dtype=np.float32)
     valid = np.isfinite(unc)
     hi = float(max_value) if max_value is not None else (
         float(np.percentile(unc[valid], 99)) if valid.any() else 1.0)
-    t = _normalise(np.where(valid, unc, 0.0), 0.0, hi)
+    lo = float(np.percentile(unc[valid], 1)) if max_value is None and valid.any() else 0.0
+    t = _normalise(np.where(valid, unc, 0.0), lo, hi)
     out = cv2.applyColorMap((t * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
     out[~valid] = 0
     return out
@@ -97,8 +98,8 @@ def backproject(depth: np.ndarray, K: np.ndarray, stride: int = 4):
     z = depth[rows, cols]
     ok = np.isfinite(z) & (z > 0)
     rows, cols, z = rows[ok], cols[ok], z[ok]
-    x = (cols + 0.5 - K[0, 2]) * z / K[0, 0]  # pixel centres, the convention of a rectified camera
-    y = (rows + 0.5 - K[1, 2]) * z / K[1, 1]
+    x = (cols - K[0, 2]) * z / K[0, 0]  # pixel centres at integer coordinates, as the node's cloud
+    y = (rows - K[1, 2]) * z / K[1, 1]
     return np.stack([x, y, z], axis=1).astype(np.float32), np.stack([rows, cols], axis=1)
 
 
@@ -155,9 +156,13 @@ def frame_pictures(out_dir: pathlib.Path, stem: str, image_rgb: np.ndarray, dept
     pics = [("input", image_rgb[..., ::-1].copy()),
             ("depth", label(colorize_depth(depth, lo, hi), f"depth {lo:.1f}-{hi:.1f} m (bright = near)"))]
     if uncertainty is not None:
-        top = float(np.nanpercentile(uncertainty, 99)) if np.isfinite(uncertainty).any() else 0.0
-        pics.append(("uncertainty", label(colorize_uncertainty(uncertainty, top), f"std 0-{top:.2f} m")))
+        fin = np.isfinite(uncertainty)
+        ulo, uhi = (np.percentile(uncertainty[fin], [1, 99]) if fin.any() else (0.0, 0.0))
+        pics.append(("uncertainty", label(colorize_uncertainty(uncertainty), f"std {ulo:.2f}-{uhi:.2f} m")))
     if xyz is not None:
+        if len(xyz) > 150_000:  # a full-resolution cloud: every k-th point draws the same picture
+            k = int(np.ceil(len(xyz) / 150_000))
+            xyz, xyz_rgb = xyz[::k], (None if xyz_rgb is None else xyz_rgb[::k])
         cloud = render_point_cloud(xyz, xyz_rgb, size=(640, 360))
         pics.append(("point cloud", label(cloud, cloud_note or f"{len(xyz)} points, oblique view")))
     entries = []
