@@ -248,7 +248,8 @@ class DepthNode(Node):
                       "device": str(self.estimator.device), "precision": self.estimator.precision,
                       "scale": f"{getattr(self, 'last_scale', 1.0):.4f}"}
         values.update({f"{k} (ms)": f"{v:.2f}" for k, v in stages.items()})
-        status = DiagnosticStatus(name=f"{self.get_name()}: depth inference", hardware_id=values["device"],
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: depth inference",
+                                  hardware_id=values["device"],
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
         if self.received == 0:
             status.level, status.message = DiagnosticStatus.WARN, "no images received"

@@ -62,6 +62,12 @@ def _image(rgb, stamp, variant="rgb8"):
     return msg
 
 
+def jpeg_bytes(rgb) -> bytes:
+    import cv2
+
+    return cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
 def _malformed(rgb, stamp, i):
     """The i-th of several kinds of broken Image messages."""
     from sensor_msgs.msg import Image
@@ -88,7 +94,7 @@ def _publisher_main():
     import rclpy
     from builtin_interfaces.msg import Time
     from rclpy.qos import QoSProfile
-    from sensor_msgs.msg import CameraInfo, Image
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
     from diffsql_model.data.calib import load_kitti_calib
 
@@ -96,9 +102,12 @@ def _publisher_main():
     node = rclpy.create_node("kitti_publisher")
     pub_img = node.create_publisher(Image, "image", QoSProfile(depth=5))
     pub_info = node.create_publisher(CameraInfo, "camera_info", QoSProfile(depth=5))
+    # The second node (namespace /compressed) takes image_transport: compressed.
+    pub_jpeg = node.create_publisher(CompressedImage, "compressed/image/compressed", QoSProfile(depth=5))
+    pub_jinfo = node.create_publisher(CameraInfo, "compressed/camera_info", QoSProfile(depth=5))
     calib = load_kitti_calib(DATE_DIR, 2)
     frames = [cv2.imread(str(p))[..., ::-1].copy() for p in FRAMES]
-    while pub_img.get_subscription_count() == 0 or pub_info.get_subscription_count() == 0:
+    while min(p.get_subscription_count() for p in (pub_img, pub_info, pub_jpeg, pub_jinfo)) == 0:
         rclpy.spin_once(node, timeout_sec=0.05)
     print("ready", flush=True)
     for line in sys.stdin:
@@ -107,6 +116,12 @@ def _publisher_main():
             stamp = Time(sec=int(args[1]))
             pub_info.publish(_camera_info(calib, stamp))
             pub_img.publish(_image(frames[int(args[0])], stamp, args[2]))
+            print("ok", flush=True)
+        elif cmd == "jpeg":  # jpeg <index> <sec>: to the compressed node
+            stamp = Time(sec=int(args[1]))
+            pub_jinfo.publish(_camera_info(calib, stamp))
+            pub_jpeg.publish(CompressedImage(header=_image(frames[0], stamp).header, format="jpeg",
+                                             data=jpeg_bytes(frames[int(args[0])])))
             print("ok", flush=True)
         elif cmd == "flood":  # flood <seconds>: as fast as possible, stamped with the wall clock
             end, n = time.time() + float(args[0]), 0
@@ -163,6 +178,7 @@ PARAMS_FILE = ROOT / "config" / "depth.yaml"
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "depth_node"
 TOPICS = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
           "depth/uncertainty": Image, "depth/colored": Image}
+COMPRESSED_TOPICS = {"/compressed/depth": Image, "/compressed/points": PointCloud2}
 
 
 def make_checkpoint(path: pathlib.Path) -> pathlib.Path:
@@ -190,10 +206,10 @@ class Receiver:
         rclpy.init(context=self.ctx)
         self.node = rclpy.create_node("depth_test_receiver", context=self.ctx)
         self.lock = threading.Lock()
-        self.msgs = {t: [] for t in TOPICS}
-        self.arrival = {t: [] for t in TOPICS}
+        self.msgs = {t: [] for t in {**TOPICS, **COMPRESSED_TOPICS}}
+        self.arrival = {t: [] for t in self.msgs}
         self.diagnostics = []
-        for topic, typ in TOPICS.items():
+        for topic, typ in {**TOPICS, **COMPRESSED_TOPICS}.items():
             self.node.create_subscription(typ, topic, lambda m, t=topic: self._store(t, m), QoSProfile(depth=10))
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._diag, QoSProfile(depth=10))
         self.executor = SingleThreadedExecutor(context=self.ctx)
@@ -211,7 +227,9 @@ class Receiver:
 
     def _diag(self, msg):
         with self.lock:
-            self.diagnostics.append({kv.key: kv.value for s in msg.status for kv in s.values})
+            for s in msg.status:  # the node under test, not the compressed one
+                if s.name.startswith("/depth_node:"):
+                    self.diagnostics.append({kv.key: kv.value for kv in s.values})
 
     def wait_for(self, topic, sec, timeout=30.0):
         end = time.time() + timeout
@@ -319,6 +337,12 @@ def setup(tmp_path_factory):
          # every frame the test sends arrive (sensor_data stays the default for cameras).
          "-p", "input_qos:=reliable"],
         stdout=log, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
+    log_c = open(tmp / "node_compressed.log", "w")
+    node_c = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "--ros-args", "-r", "__ns:=/compressed", "--params-file", str(PARAMS_FILE),
+         "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
+         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable", "-p", "points.rgb:=false"],
+        stdout=log_c, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     receiver = Receiver()
     publisher = Publisher(tmp)
     try:
@@ -341,10 +365,12 @@ def setup(tmp_path_factory):
     finally:
         publisher.close()
         receiver.close()
-        if node.poll() is None:
-            node.kill()
-            node.wait()
+        for proc in (node, node_c):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         log.close()
+        log_c.close()
 
 
 def _check_cloud(cloud, depth, unc, K, rgb, s, max_range, max_unc):
@@ -387,6 +413,22 @@ def test_outputs_of_real_kitti_frames(setup):
         assert (info.width, info.height) == (W, H)
         np.testing.assert_allclose(np.array(info.k).reshape(3, 3), K)
         _check_cloud(msgs["points"], depth, unc, K, rgb, 1, setup["max_range"], setup["max_unc"])
+
+
+def test_compressed_transport(setup):
+    """image_transport: compressed takes JPEG CompressedImage on image/compressed."""
+    rx, pub, calib = setup["rx"], setup["pub"], setup["calib"]
+    msgs = rx.request(pub, "jpeg 1 120", 120, tuple(COMPRESSED_TOPICS))
+    rgb = cv2.imdecode(np.frombuffer(jpeg_bytes(cv2.imread(str(FRAMES[1]))[..., ::-1]), np.uint8),
+                       cv2.IMREAD_COLOR)[..., ::-1].copy()
+    model, cfg = setup["model"]
+    ref, _ = DepthEstimator(model, cfg).predict(rgb)
+    W, H = calib.image_size
+    depth = np.frombuffer(msgs["/compressed/depth"].data, np.float32).reshape(H, W)
+    np.testing.assert_allclose(depth, ref, rtol=1e-4)
+    cloud = msgs["/compressed/points"]
+    assert cloud.point_step == 16 and [f.name for f in cloud.fields] == ["x", "y", "z"]
+    assert cloud.header.frame_id == FRAME_ID and (cloud.height, cloud.width) == (H, W)
 
 
 def test_params_file_keys_are_declared_by_the_running_node(setup):
