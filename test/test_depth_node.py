@@ -517,3 +517,53 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_startup_error(tmp_path):
         assert procs[path].returncode == 1
         assert "cannot start" in err and str(path) in err and why in err, err
         assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ DepthEstimator (no ROS) --
+@pytest.fixture(scope="module")
+def lite_model():
+    torch.manual_seed(0)
+    cfg = get_preset("lite", height=NET[0], width=NET[1])
+    return DiffSQLDepth(cfg).eval(), cfg
+
+
+def test_depth_estimator_matches_the_model_and_reuses_its_buffers(lite_model):
+    model, cfg = lite_model
+    est = DepthEstimator(model, cfg, device="cpu")
+    rgb = cv2.resize(cv2.imread(str(FRAMES[0]))[..., ::-1], (NET[1], NET[0]), interpolation=cv2.INTER_AREA)
+    depth, unc = est.predict(rgb)
+    with torch.no_grad():
+        out = model(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0)
+    np.testing.assert_allclose(depth, out["depth"][0, 0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(unc, out["uncertainty"][0, 0].numpy(), rtol=1e-5, atol=1e-6)
+    ptr = est._input.data_ptr()
+    full = cv2.imread(str(FRAMES[1]))[..., ::-1]  # 375 x 1242, a strided (flipped) view
+    d2, u2 = est.predict(full)
+    assert d2.shape == u2.shape == full.shape[:2] and d2.dtype == np.float32
+    assert cfg.min_depth <= d2.min() and d2.max() <= cfg.max_depth
+    assert est._input.data_ptr() == ptr  # no new network-input buffer per frame
+    assert set(est.timing) == {"preprocess_ms", "model_ms", "postprocess_ms"}
+
+
+@pytest.mark.slow
+def test_depth_estimator_bf16_close_to_fp32(lite_model):
+    model, cfg = lite_model
+    rgb = cv2.resize(cv2.imread(str(FRAMES[0]))[..., ::-1], (NET[1], NET[0]), interpolation=cv2.INTER_AREA)
+    depth, _ = DepthEstimator(model, cfg).predict(rgb)
+    bf16, _ = DepthEstimator(model, cfg, precision="bf16").predict(rgb)
+    assert np.median(np.abs(bf16 / depth - 1)) < 0.05
+
+
+def test_depth_estimator_rejects_bad_settings_and_input(lite_model):
+    model, cfg = lite_model
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        DepthEstimator(model, cfg, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        DepthEstimator(model, cfg, input_size=(100, 320))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            DepthEstimator(model, cfg, device="cuda")
+    est = DepthEstimator(model, cfg)
+    for bad in (np.zeros((10, 10, 3), np.float32), np.zeros((10, 10), np.uint8), np.zeros((1, 1, 3), np.uint8)):
+        with pytest.raises(ValueError):
+            est.predict(bad)
