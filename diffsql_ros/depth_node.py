@@ -87,6 +87,7 @@ class DepthNode(Node):
         self.scaler = ScaleEstimator(self._scale_config(s))
         self.clouds = PointCloudBuilder()
         self.infos = StampPairer(capacity=32, tolerance_ns=int(s["camera_info_tolerance"] * 1e9))
+        self._info_lock = threading.Lock()  # camera_info arrives on the executor, is read by the worker
         self.slot = FrameSlot()
         self._lock = threading.Lock()  # guards the statistics below
         self.received = self.processed = self.bad_frames = 0
@@ -132,7 +133,8 @@ class DepthNode(Node):
         if scale_cfg.mode != self.scaler.cfg.mode:
             self.scaler.reset()
         self.scaler.cfg = scale_cfg
-        self.infos.tolerance_ns = int(new["camera_info_tolerance"] * 1e9)
+        with self._info_lock:
+            self.infos.tolerance_ns = int(new["camera_info_tolerance"] * 1e9)
         self.settings = new  # one atomic swap: the worker reads a consistent snapshot
         return SetParametersResult(successful=True)
 
@@ -144,13 +146,14 @@ class DepthNode(Node):
 
     def _on_info(self, msg: CameraInfo):
         stamp = _stamp_ns(msg.header)
-        latest = self.infos.latest()
-        if latest is not None and stamp < _stamp_ns(latest.header) - 1_000_000_000:
-            # Time jumped back (bag loop, sim restart): stale future stamps would win every match.
-            self.get_logger().warning("camera_info stamps jumped back: forgetting older camera_info",
-                                      throttle_duration_sec=5.0)
-            self.infos = StampPairer(capacity=32, tolerance_ns=self.infos.tolerance_ns)
-        self.infos.add(stamp, msg)
+        with self._info_lock:
+            latest = self.infos.latest()
+            if latest is not None and stamp < _stamp_ns(latest.header) - 1_000_000_000:
+                # Time jumped back (bag loop, sim restart): stale future stamps would win every match.
+                self.get_logger().warning("camera_info stamps jumped back: forgetting older camera_info",
+                                          throttle_duration_sec=5.0)
+                self.infos = StampPairer(capacity=32, tolerance_ns=self.infos.tolerance_ns)
+            self.infos.add(stamp, msg)
 
     # -- inference thread --------------------------------------------------------------------
     def _run(self):
@@ -181,7 +184,8 @@ class DepthNode(Node):
         t_model = time.perf_counter()
         H, W = depth.shape
         K = info = None
-        info_msg = self.infos.match(_stamp_ns(msg.header))
+        with self._info_lock:
+            info_msg = self.infos.match(_stamp_ns(msg.header))
         if info_msg is None:
             self.get_logger().warning("no camera_info received yet: publishing depth without points",
                                       throttle_duration_sec=5.0)
@@ -196,35 +200,43 @@ class DepthNode(Node):
             depth *= scale
             unc *= scale
         # REP 118: NaN where the depth is unknown (outside the configured range here).
-        depth[~((depth >= s["min_depth"]) & (depth <= s["max_depth"]))] = np.nan
-        t.append(time.perf_counter())
-        cloud = None
-        if want["points"] and K is not None:
-            valid = (depth >= s["points.min_range"]) & (depth <= s["points.max_range"])
-            if s["points.max_uncertainty"] > 0:
-                valid &= unc <= s["points.max_uncertainty"] * depth
-            cloud = self.clouds.build(depth, K, msg.header, valid, rgb if s["points.rgb"] else None,
-                                      s["points.decimation"])
-        t.append(time.perf_counter())
+        bad = depth < s["min_depth"]
+        bad |= depth > s["max_depth"]
+        np.copyto(depth, np.float32(np.nan), where=bad)
+        t_post = time.perf_counter()
+        # Depth first: its consumers do not wait for the cloud and the colour map.
         if want["depth"]:
             self.pub["depth"].publish(array_to_image(depth, "32FC1", msg.header))
             if info is not None:
                 self.pub["depth/camera_info"].publish(info)
-        if want["depth/uncertainty"]:
-            self.pub["depth/uncertainty"].publish(array_to_image(unc, "32FC1", msg.header))
-        if want["depth/colored"]:
-            colored = colorize_depth(depth, s["min_depth"], s["max_depth"])
-            self.pub["depth/colored"].publish(array_to_image(colored, "rgb8", msg.header))
+        t_cloud = time.perf_counter()
+        cloud = None
+        if want["points"] and K is not None:
+            valid = depth >= s["points.min_range"]
+            valid &= depth <= s["points.max_range"]
+            if s["points.max_uncertainty"] > 0:
+                valid &= unc <= s["points.max_uncertainty"] * depth
+            cloud = self.clouds.build(depth, K, msg.header, valid, rgb if s["points.rgb"] else None,
+                                      s["points.decimation"])
+        t_pub = time.perf_counter()
         if cloud is not None:
             self.pub["points"].publish(cloud)
-        t.append(time.perf_counter())
+        if want["depth/uncertainty"]:
+            self.pub["depth/uncertainty"].publish(array_to_image(unc, "32FC1", msg.header))
+        t_col = time.perf_counter()
+        colored = colorize_depth(depth, s["min_depth"], s["max_depth"]) if want["depth/colored"] else None
+        t_col_end = time.perf_counter()
+        if colored is not None:
+            self.pub["depth/colored"].publish(array_to_image(colored, "rgb8", msg.header))
+        t_end = time.perf_counter()
         tm = self.estimator.timing
         stage = {"conversion": t[1] - t[0], "preprocess": tm["preprocess_ms"] / 1e3, "model": tm["model_ms"] / 1e3,
-                 "postprocess": tm["postprocess_ms"] / 1e3 + (t[2] - t_model), "pointcloud": t[3] - t[2],
-                 "publish": t[4] - t[3]}
+                 "postprocess": tm["postprocess_ms"] / 1e3 + (t_post - t_model) + (t_col_end - t_col),
+                 "pointcloud": t_pub - t_cloud,
+                 "publish": (t_cloud - t_post) + (t_col - t_pub) + (t_end - t_col_end)}
         with self._lock:
             self.processed += 1
-            self.latencies.append(t[4] - t_recv)
+            self.latencies.append(t_end - t_recv)
             for k, v in stage.items():
                 self.stage_ms[k].append(v * 1e3)
             self.last_scale = scale
