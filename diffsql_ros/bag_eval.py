@@ -184,6 +184,7 @@ def run(args) -> dict:
                 latencies.append((t_recv - t_pub) * 1e3)
         received = [evaluator.received[f.stamp_ns] for f in played if f.stamp_ns in evaluator.received]
         first_pub = player.publish_time(played[0].stamp_ns) if played else None
+        replay_s = (player.publish_time(played[-1].stamp_ns) - first_pub) if played else 0.0
         span = (max(received) - first_pub) if received and first_pub is not None else 0.0
         pictures = _sample_pass(samples, player, evaluator, node_proc, args) if samples else []
         if not node_proc.alive():
@@ -207,6 +208,7 @@ def run(args) -> dict:
         "frames_without_lidar": len(result["missing"]),
         "latency_ms": percentiles(latencies),
         "throughput_fps": (n_recv / span) if span > 0 else None,
+        "replay_s": replay_s,  # first to last image published
         "startup_s": startup_s,
         "metrics": result["metrics"], "scaling": result["scaling"],
         "protocol": {"name": "bag", **cfg.to_dict()},
@@ -239,8 +241,12 @@ def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args) ->
             print(f"\r{args.progress}: frame {i + 1}/{len(frames)}", end="", file=sys.stderr, flush=True)
     if args.progress:
         print(file=sys.stderr)
+    # --rate: the node drops frames it cannot keep up with; those never come, so stop waiting
+    # once it has been idle for twice the slowest latency seen (at least 3 s).
+    lat = [evaluator.received[f.stamp_ns] - player.publish_time(f.stamp_ns)
+           for f in played if f.stamp_ns in evaluator.received]
     evaluator.wait_quiet({f.stamp_ns for f in played}, args.timeout if args.rate is not None else 0.5,
-                         node_proc.alive)
+                         node_proc.alive, idle_s=max(3.0, 2 * max(lat, default=0.0)))
     return played
 
 

@@ -54,7 +54,7 @@ def stamp_ns(header) -> int:
 
 def open_bag(path: str | pathlib.Path):
     """`with open_bag(p) as reader:` (the bag readers' opener: clear BagError when unreadable)."""
-    from diffsql_model.data.bags import open_bag as _open
+    from diffsql_model.data.bag_reader import open_bag as _open
 
     return _open(path)
 
@@ -240,7 +240,7 @@ class GroundTruth:
 
     @classmethod
     def from_bag(cls, path, topics: BagTopics, frames, extrinsic=None, tolerance_s: float = 0.05):
-        from diffsql_model.data import bags
+        from diffsql_model.data import bag_reader as bags  # not bags.py: that imports torch
 
         infos = {f.stamp_ns: (bags.camera_matrix(f.info), (int(f.info.width), int(f.info.height)))
                  for f in frames}
@@ -272,7 +272,7 @@ class GroundTruth:
 
     def depth_map(self, stamp: int):
         """(H x W metres, 0 = no return) for the image of `stamp`, or (None, why not)."""
-        from diffsql_model.data.bags import lidar_depth_map
+        from diffsql_model.data.bag_reader import lidar_depth_map
 
         i = self._nearest(stamp)
         if i is None:

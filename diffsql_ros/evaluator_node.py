@@ -182,12 +182,17 @@ class DepthEvaluator(Node):
                 self._cond.wait(0.2)
             return done()
 
-    def wait_quiet(self, expected: set, timeout_s: float, alive=lambda: True) -> None:
-        """After the last frame: wait until every expected stamp arrived or the timeout passed."""
-        deadline = time.monotonic() + timeout_s
+    def wait_quiet(self, expected: set, timeout_s: float, alive=lambda: True, idle_s: float = 0.0) -> None:
+        """After the last frame: wait until every expected stamp arrived, the timeout passed, or
+        (idle_s > 0) nothing arrived for idle_s seconds: frames the node dropped never come."""
+        start = time.monotonic()
+        deadline = start + timeout_s
         with self._cond:
             while not expected <= set(self.received) and time.monotonic() < deadline and alive():
-                self._cond.wait(0.2)
+                last = max(self.received.values(), default=start)
+                if idle_s > 0 and time.monotonic() - max(last, start) > idle_s:
+                    return
+                self._cond.wait(0.1)
 
     def result(self) -> dict:
         metrics = M.mean_metrics(self.per_frame) if self.per_frame else None

@@ -1,0 +1,174 @@
+"""diffsql-bag-eval: bags replayed through the real depth node (a subprocess), scored like diffsql-eval."""
+import html.parser
+import json
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ros
+rclpy = pytest.importorskip("rclpy")
+
+from diffsql_model.data import bags  # noqa: E402
+from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
+from diffsql_model.data.sample_cli import synthetic_drive_to_bag  # noqa: E402
+from diffsql_ros import bag_player as BP  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A random-init lite checkpoint at 64 x 192 and a 4-frame synthetic drive of that size."""
+    import torch
+
+    from diffsql_model.checkpoint import build_model, save_checkpoint
+    from diffsql_model.data.synthetic import SyntheticConfig, render_drive
+    from diffsql_model.presets import get_preset
+
+    d = tmp_path_factory.mktemp("bag_eval")
+    torch.manual_seed(0)
+    cfg = get_preset("lite", height=64, width=192)
+    save_checkpoint(d / "tiny.pt", {"model_config": cfg.to_dict(), "model": build_model(cfg).state_dict()})
+    drive = render_drive(SyntheticConfig(width=192, height=64, num_frames=4, seed=5))
+    synthetic_drive_to_bag(drive, d / "syn_mcap", "mcap")
+    synthetic_drive_to_bag(drive, d / "syn_sqlite", "sqlite3")
+    return d
+
+
+@pytest.fixture
+def bag_eval(capsys):
+    """Run diffsql-bag-eval's main in this process (the depth node is still its own process)."""
+    from diffsql_ros.bag_eval import main
+
+    def run(*args):
+        rc = main([*map(str, args), "--timeout", "20", "--first-timeout", "60"])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    return run
+
+
+def diffsql_eval(*args) -> dict:
+    from diffsql_model.eval import cli
+
+    out = pathlib.Path(args[args.index("--json") + 1])
+    assert cli.main(["--protocol", "bag", "--device", "cpu", *map(str, args)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
+    res = bag_eval(work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--max-rate",
+                   "--json", work / "replay.json", "--report", work / "report", "--report-frames", "2")
+    assert res.returncode == 0, res.stderr + res.stdout
+    got = json.loads((work / "replay.json").read_text())
+    ref = diffsql_eval("--data", work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--json", work / "ref.json")
+    assert got["frames_played"] == got["frames_received"] == got["frames_evaluated"] == 4
+    assert got["frames_dropped"] == 0 and got["errors"] == []
+    assert ref["n_frames"] == 4
+    # same frames (by stamp), same ground truth pixels, same numbers
+    assert [f["frame"] for f in got["per_frame"]] == [f["frame"] for f in ref["per_frame"]]
+    assert [f["n_valid"] for f in got["per_frame"]] == [f["n_valid"] for f in ref["per_frame"]]
+    for k, v in ref["metrics"].items():
+        assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert got["topics"]["lidar"] == "/lidar/points" and got["extrinsic_source"].startswith("/tf_static")
+    lat = got["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["max"]
+    assert "input_qos:=reliable" in " ".join(got["node"]["command"]) and got["node"]["exit_code"] == 0
+    # the report: parses, and every picture it names exists and decodes
+    srcs = []
+
+    class P(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                srcs.append(dict(attrs)["src"])
+
+    P().feed((work / "report" / "index.html").read_text())
+    assert len(srcs) == 8  # 2 frames x input, depth, uncertainty, point cloud
+    import cv2
+
+    for s in srcs:
+        assert cv2.imread(str(work / "report" / s)) is not None, s
+    # the depth picture is the node's depth: 64 x 192 like the bag's images
+    assert cv2.imread(str(work / "report" / srcs[1])).shape == (64, 192, 3)
+
+
+def test_rate_mode_keeps_recorded_timing_on_sqlite3_bag(work, bag_eval):
+    res = bag_eval(work / "syn_sqlite", "--checkpoint", work / "tiny.pt", "--rate", "1.0", "--json", work / "rate.json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    got = json.loads((work / "rate.json").read_text())
+    assert got["mode"] == "rate x1" and got["frames_played"] == 4
+    # 4 frames recorded at 10 Hz: the last is published 0.3 s after the first
+    assert 0.28 <= got["replay_s"] < 1.0
+    assert got["frames_received"] + got["frames_dropped"] == 4
+    assert got["frames_evaluated"] == got["frames_received"] >= 1
+
+
+def test_real_kitti_ros1_bag_with_kitti2bag_names(work, bag_eval, kitti_raw):
+    bag = bags.kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", work / "kitti.bag", frames=[0, 1, 50])
+    res = bag_eval(bag, "--checkpoint", work / "tiny.pt", "--json", work / "kitti.json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    got = json.loads((work / "kitti.json").read_text())
+    assert got["topics"] == {"image": "/kitti/camera_color_left/image_raw",
+                             "camera_info": "/kitti/camera_color_left/camera_info",
+                             "lidar": "/kitti/velo/pointcloud"}
+    # frame 50 has no velodyne scan: played and received, listed as without LiDAR
+    assert (got["frames_played"], got["frames_evaluated"], got["frames_without_lidar"]) == (3, 2, 1)
+    # ground truth through /tf_static (imu -> velo, imu -> camera) equals the calibration files'
+    calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
+    scan = np.fromfile(kitti_raw / "2011_09_26/2011_09_26_drive_0001_sync/velodyne_points/data/0000000000.bin",
+                       np.float32).reshape(-1, 4)
+    gt = bags.lidar_depth_map(scan, calib.T_velo_to_cam, calib.K, calib.image_size)
+    n_valid = int(((gt > 1e-3) & (gt < 80)).sum())
+    assert abs(got["per_frame"][0]["n_valid"] - n_valid) <= 0.002 * n_valid
+    # diffsql-eval on the same bag: same frames; the node resizes 1242x375 -> 192x64 with OpenCV
+    # INTER_AREA, diffsql-eval with torchvision's antialiased bilinear, hence a small tolerance
+    ref = diffsql_eval("--data", bag, "--image-topic", "/kitti/camera_color_left/image_raw",
+                       "--checkpoint", work / "tiny.pt", "--json", work / "kitti_ref.json")
+    assert [f["frame"] for f in got["per_frame"]] == [f["frame"] for f in ref["per_frame"]]
+    assert got["metrics"]["abs_rel"] == pytest.approx(ref["metrics"]["abs_rel"], rel=0.03)
+
+
+def test_clear_errors_for_missing_truncated_bags_and_bad_checkpoints(work, bag_eval, tmp_path):
+    res = bag_eval(tmp_path / "nope.bag", "--checkpoint", work / "tiny.pt")
+    assert res.returncode == 2 and "bag not found" in res.stderr
+    good = work / "syn_mcap"
+    cut = tmp_path / "cut_mcap"
+    cut.mkdir()
+    for f in good.iterdir():
+        data = f.read_bytes()
+        (cut / f.name).write_bytes(data[: len(data) // 3] if f.suffix == ".mcap" else data)
+    res = bag_eval(cut, "--checkpoint", work / "tiny.pt")
+    assert res.returncode == 2 and "diffsql-bag-eval: error" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    res = bag_eval(good, "--checkpoint", bad, "--startup-timeout", "60")
+    assert res.returncode == 2
+    assert "depth node did not start" in res.stderr and "corrupt or not a torch file" in res.stderr
+
+
+def test_ros1_camera_info_becomes_the_ros2_message(work, kitti_raw):
+    bag = work / "kitti.bag"
+    if not bag.exists():
+        bags.kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", bag, frames=[0, 1, 50])
+    with BP.open_bag(bag) as reader:
+        topics = BP.choose_topics(reader)
+        frames = BP.read_camera_frames(reader, topics)
+    info = BP.to_rclpy(frames[0].info, BP.INFO_TYPE)
+    calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
+    np.testing.assert_allclose(np.reshape(info.p, (3, 4)), calib.P_rect)
+    assert (info.width, info.height) == calib.image_size
+    assert info.header.frame_id == "camera_color_left"
+    img = BP.to_rclpy(frames[0].image, frames[0].image_type)
+    assert (img.width, img.height, len(img.data)) == (1242, 375, img.step * 375)
+    assert img.header.stamp.sec * 10**9 + img.header.stamp.nanosec == frames[0].stamp_ns
+
+
+def test_extrinsic_from_the_command_line():
+    T = BP.parse_extrinsic("1 2 3 0 0 0.7071067811865476 0.7071067811865476")  # 90 deg about z
+    np.testing.assert_allclose(T[:3, :3], [[0, -1, 0], [1, 0, 0], [0, 0, 1]], atol=1e-9)
+    np.testing.assert_allclose(T[:3, 3], [1, 2, 3])
+    np.testing.assert_allclose(BP.parse_extrinsic(" ".join(map(str, np.eye(4)[:3].ravel()))), np.eye(4))
+    with pytest.raises(ValueError, match="7, 12 or 16"):
+        BP.parse_extrinsic("1 2 3")
