@@ -62,9 +62,35 @@ def train(out: pathlib.Path, data: dict, config: pathlib.Path) -> tuple[pathlib.
     if rc != 0:
         raise RuntimeError(f"training failed (exit code {rc})")
     ckpt = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
-    info = {"checkpoint": str(ckpt), "wall_s": round(time.monotonic() - t, 1), "config": str(config)}
+    info = {"checkpoint": str(ckpt), "wall_s": round(time.monotonic() - t, 1), "config": str(config),
+            "curve": learning_curve(run)}
     done.write_text(json.dumps(info, indent=2) + "\n")
     return ckpt, info
+
+
+def learning_curve(run: pathlib.Path) -> dict:
+    """Validation AbsRel over training steps (from the trainer's TensorBoard events) and, when the
+    target is not reached, a rough power-law extrapolation of the training time that would."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        points = [(e.step, e.value) for e in acc.Scalars("val/abs_rel")]
+        summary = json.loads((run / "summary.json").read_text())
+    except Exception as e:  # no events / no summary (e.g. a given checkpoint): no curve
+        return {"points": [], "note": f"no learning curve: {e}"}
+    s_per_step = summary["train_seconds"] / max(summary["step"], 1)
+    out = {"points": points, "seconds_per_step": s_per_step, "train_seconds": summary["train_seconds"]}
+    late = [(st, v) for st, v in points if st >= points[-1][0] / 3 and v > 0] if points else []
+    if len(late) >= 3 and min(v for _, v in late) > TARGET_ABS_REL:
+        import numpy as np
+
+        slope, icpt = np.polyfit(np.log([st for st, _ in late]), np.log([v for _, v in late]), 1)
+        if slope < 0:
+            steps = float(np.exp((np.log(TARGET_ABS_REL) - icpt) / slope))
+            out["estimate_s"] = steps * s_per_step
+    return out
 
 
 def evaluate_synthetic(checkpoint: pathlib.Path, sample: dict, out: pathlib.Path) -> dict:
@@ -114,10 +140,19 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
     ], "depth metrics (lower is better for the first four, higher for the δ columns)")
     latency = R.latency_table([("synthetic test bag", syn_r), ("KITTI bag", kit_r)],
                               "replay with --max-rate: the next image is published when the previous depth arrived")
-    verdict = (f"The held-out synthetic drive reaches AbsRel {abs_rel:.3f} against the target of "
-               f"{TARGET_ABS_REL}: " + ("target met." if abs_rel <= TARGET_ABS_REL else
-                                        "target not met with this training budget; a longer "
-                                        "optim.time_budget_s in config/train/synthetic_lite.yaml trains further."))
+    curve = train_info.get("curve") or {}
+    if abs_rel <= TARGET_ABS_REL:
+        verdict = f"The held-out synthetic drive reaches AbsRel {abs_rel:.3f}: the target of {TARGET_ABS_REL} is met."
+    else:
+        verdict = (f"The held-out synthetic drive reaches AbsRel {abs_rel:.3f}, short of the target of "
+                   f"{TARGET_ABS_REL} with this checkpoint. ")
+        if curve.get("estimate_s"):
+            verdict += (f"Extrapolating the validation curve (power law over its later half), about "
+                        f"{curve['estimate_s'] / 60:.0f} min of training on this CPU (optim.time_budget_s in "
+                        f"config/train/synthetic_lite.yaml; now {curve['train_seconds']:.0f} s) would reach it; "
+                        "a rough estimate.")
+        else:
+            verdict += "A longer optim.time_budget_s in config/train/synthetic_lite.yaml trains further."
     frames = []
     for name, r in (("synthetic", syn_r), ("kitti", kit_r)):
         for p in r.get("pictures", []):
@@ -143,6 +178,12 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
                               + (" (reused)" if train_info.get("reused") else ""),
                               f"synthetic sample: {sample['synthetic']['frames']} frames (train / val / test)"]),
     ]
+    if curve.get("points"):
+        sections.insert(3, R.Section("Training", paragraphs=["Validation AbsRel (8 frames of a separate synthetic drive) "
+                                          "while training; the checkpoint used is the best of these."],
+                  tables=[R.Table(["step", "training s", "val AbsRel"],
+                                  [[st, f"{st * curve.get('seconds_per_step', 0):.0f}", f"{v:.3f}"]
+                                   for st, v in curve.get("points", [])])]))
     return R.write_report(out / "report.html", "DiffSQL demo", sections,
                           intro="A lite DiffSQL model trained on this CPU on synthetic drives, evaluated offline and "
                                 "through the ROS 2 depth node on a synthetic and a real KITTI bag.")
