@@ -459,6 +459,32 @@ def test_runtime_parameter_changes(setup):
     assert rx.set_param("points.decimation", 1).successful
 
 
+def test_outputs_switched_off_are_not_computed(setup):
+    rx, pub = setup["rx"], setup["pub"]
+    toggles = ("depth", "points", "uncertainty", "colored")
+    for k in toggles:
+        assert rx.set_param(f"publish.{k}", False).successful
+    time.sleep(1.2)
+    before = rx.last_diag()
+    for sec in (130, 131, 132):
+        assert pub.send(f"frame 0 {sec} rgb8") == "ok"
+        time.sleep(0.3)
+    time.sleep(1.2)
+    after = rx.last_diag()
+    assert int(after["received frames"]) >= int(before["received frames"]) + 3
+    assert after["processed frames"] == before["processed frames"]  # the model did not run
+    # Only the colour map wanted: only the colour map comes.
+    assert rx.set_param("publish.colored", True).successful
+    rx.request(pub, "frame 0 140 rgb8", 140, ("depth/colored",))
+    time.sleep(0.5)
+    with rx.lock:
+        stamps = {t: {m.header.stamp.sec for m in v} for t, v in rx.msgs.items()}
+    assert all(not {130, 131, 132} & v for v in stamps.values())
+    assert 140 not in stamps["depth"] | stamps["points"] | stamps["depth/uncertainty"]
+    for k in toggles:
+        assert rx.set_param(f"publish.{k}", True).successful
+
+
 def test_malformed_messages_do_not_kill_the_node(setup):
     rx, pub = setup["rx"], setup["pub"]
     assert pub.send("bad 100 2000") == "ok"
