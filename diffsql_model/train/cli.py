@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, out, resume=args.resume, ctx=ctx)
         trainer.run()
-    except (CheckpointError, ConfigError, FileNotFoundError, FloatingPointError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, FloatingPointError, ValueError) as e:
         print(f"diffsql-train: error: {e}", file=sys.stderr)
         return 1
     finally:

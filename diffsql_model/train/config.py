@@ -37,7 +37,7 @@ class DataConfig(YamlConfig):
     """Where training and validation samples come from (image size comes from the model)."""
 
     kind: str = "kitti"
-    root: str = ""  # KITTI raw root / folder of bags / image folder
+    root: str = ""  # KITTI raw root / a bag / an image folder
     train_split: Optional[str] = None  # split file ("<date>/<drive> <frame> <l|r>" lines for KITTI)
     val_split: Optional[str] = None  # validation frames with ground-truth depth
     val_root: Optional[str] = None  # root of the validation set (default: root)
@@ -46,7 +46,8 @@ class DataConfig(YamlConfig):
     val_max_frames: int = 200  # cap on validation frames evaluated per validation round
     val_crop: str = "garg"  # "garg" (KITTI Eigen crop) | "none"
     camera_topic: Optional[str] = None  # bags only
-    options: dict = dataclasses.field(default_factory=dict)  # extra keyword args for the dataset
+    options: dict = dataclasses.field(default_factory=dict)  # extra keyword args for the training set
+    val_options: dict = dataclasses.field(default_factory=dict)  # ... for the validation set (bags)
 
     def __post_init__(self):
         if self.kind not in DATA_KINDS:

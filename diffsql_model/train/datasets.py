@@ -58,19 +58,17 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig):
     if cfg.kind == "bag":
         from ..data.bags import BagDataset
 
-        if cfg.stereo:
-            raise ConfigError("data.kind=bag has no stereo partner: drop 's' from data.frame_ids")
-        kwargs = dict(cfg.options)
-        if cfg.camera_topic:
-            kwargs["image_topic"] = cfg.camera_topic
-        train = BagDataset(_require(cfg.root, "root"), frame_ids=temporal, is_train=True, **size, **kwargs)
-        return train, None
+        topic = {"image_topic": cfg.camera_topic} if cfg.camera_topic else {}
+        train = BagDataset(_require(cfg.root, "root"), frame_ids=cfg.frame_ids, is_train=True,
+                           **size, **topic, **cfg.options)
+        val = None
+        if cfg.val_root:  # a bag with a LiDAR topic (val_options: lidar_topic=...) gives depth_gt
+            val = BagDataset(cfg.val_root, frame_ids=[0], is_train=False, **size, **topic, **cfg.val_options)
+        return train, val
     if cfg.kind == "folder":
         from ..data.folder import ImageFolderDataset
 
-        if cfg.stereo:
-            raise ConfigError("data.kind=folder has no stereo partner: drop 's' from data.frame_ids")
-        train = ImageFolderDataset(_require(cfg.root, "root"), frame_ids=temporal, is_train=True,
+        train = ImageFolderDataset(_require(cfg.root, "root"), frame_ids=cfg.frame_ids, is_train=True,
                                    **size, **cfg.options)
         return train, None
     raise ConfigError(f"unknown data.kind {cfg.kind!r}")
