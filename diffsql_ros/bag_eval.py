@@ -137,11 +137,12 @@ def run(args) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     with BP.open_bag(args.bag) as reader:
         topics = BP.choose_topics(reader, args.image_topic, args.camera_info_topic, args.lidar_topic)
-        frames = BP.read_camera_frames(reader, topics)
+        frames = BP.index_camera(reader, topics)
     truth = GroundTruth.from_bag(args.bag, topics, frames, extrinsic=parse_extrinsic(args.extrinsic),
                                  tolerance_s=args.lidar_tolerance)
     if args.max_frames:
         frames = frames[: args.max_frames]
+    args.topics = topics
     cfg = P.EvalConfig.for_protocol("bag", scaling=args.scaling, scale=args.scale)
     samples = pick_samples(frames, truth, args.report_frames if args.report else 0)
 
@@ -175,7 +176,8 @@ def run(args) -> dict:
         except (RuntimeError, TimeoutError) as e:
             raise RuntimeError(f"depth node did not start: {e}\n--- depth node log ---\n{node_proc.log_tail()}") from None
         startup_s = time.monotonic() - t_start
-        played = _play(frames, player, evaluator, node_proc, args)
+        played, kept = _play(frames, player, evaluator, node_proc, args, {f.stamp_ns for f in samples})
+        samples = [kept[f.stamp_ns] for f in samples if f.stamp_ns in kept]
         result = evaluator.result()
         latencies = []
         for f in played:
@@ -195,6 +197,7 @@ def run(args) -> dict:
         if evaluator is not None:
             evaluator.destroy_node()
         rclpy.try_shutdown(context=context)
+        truth.close()
 
     n_recv = len(received)
     summary = {
@@ -222,23 +225,29 @@ def run(args) -> dict:
     return summary
 
 
-def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args) -> list:
-    """Main pass. Returns the frames published (all of them unless the node died)."""
-    played = []
-    t0 = time.monotonic()
-    for i, (frame, at) in enumerate(BP.schedule(frames, args.rate)):
+def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args, keep=frozenset()):
+    """Main pass: images streamed from the bag and published. Returns (frames published, all of
+    them unless the node died; {stamp: frame with its image} for the stamps in `keep`)."""
+    played, kept = [], {}
+    t0 = None
+    stream = BP.stream_images(args.bag, args.topics, frames)
+    for i, ((frame, at), loaded) in enumerate(zip(BP.schedule(frames, args.rate), stream)):
         if not node_proc.alive():
             break
+        t0 = time.monotonic() if t0 is None else t0  # the clock starts at the first publish
         wait = t0 + at - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        player.publish(frame)
+        player.publish(loaded)
         played.append(frame)
+        if frame.stamp_ns in keep:
+            kept[frame.stamp_ns] = loaded
         if args.rate is None:  # backpressure: the next frame only when this one's depth is out
             timeout = args.first_timeout if i == 0 else args.timeout
             evaluator.wait_for(frame.stamp_ns, timeout, node_proc.alive)
         if args.progress:
             print(f"\r{args.progress}: frame {i + 1}/{len(frames)}", end="", file=sys.stderr, flush=True)
+    stream.close()
     if args.progress:
         print(file=sys.stderr)
     # --rate: the node drops frames it cannot keep up with; those never come, so stop waiting
@@ -247,7 +256,7 @@ def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args) ->
            for f in played if f.stamp_ns in evaluator.received]
     evaluator.wait_quiet({f.stamp_ns for f in played}, args.timeout if args.rate is not None else 0.5,
                          node_proc.alive, idle_s=max(3.0, 2 * max(lat, default=0.0)))
-    return played
+    return played, kept
 
 
 def _sample_pass(samples, player: BP.Player, evaluator, node_proc: NodeProcess, args) -> list:

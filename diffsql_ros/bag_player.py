@@ -43,9 +43,10 @@ class CameraFrame:
     index: int
     log_ns: int  # recording time: drives the replay timing
     stamp_ns: int  # header stamp: pairs the node's depth with this frame and with a LiDAR scan
-    image: object  # rosbags message (Image or CompressedImage)
+    image: object  # rosbags message (Image or CompressedImage); None in the index (not loaded)
     image_type: str
     info: object  # rosbags CameraInfo in effect for this frame
+    frame_id: str = ""
 
 
 def stamp_ns(header) -> int:
@@ -71,6 +72,8 @@ def _pick(reader, kind: str, types: tuple, wanted: Optional[str]) -> Optional[st
     for name in PREFERRED.get(kind, ()):
         if name in found:
             return name
+    if len(found) > 1:
+        raise BagError(f"several {kind} topics in the bag, choose one with --{kind}-topic: {found}")
     return found[0] if found else None
 
 
@@ -85,10 +88,11 @@ def choose_topics(reader, image_topic=None, info_topic=None, lidar_topic=None) -
     return BagTopics(image, info_topic, lidar, image_type)
 
 
-def read_camera_frames(reader, topics: BagTopics) -> list[CameraFrame]:
-    """All image messages in recording order, each with the CameraInfo of the same stamp (or the
-    latest one recorded before it). Frames with no CameraInfo yet are an error: the node could
-    not project them."""
+def index_camera(reader, topics: BagTopics) -> list[CameraFrame]:
+    """Every image of the topic in recording order, each with the CameraInfo of the same stamp
+    (or the latest one recorded before it), images themselves not kept: a long bag stays out of
+    memory (`stream_images` reads them again while playing). An image with no CameraInfo yet
+    is an error: the node could not project it."""
     conns = [c for c in reader.connections if c.topic in (topics.image, topics.camera_info)]
     infos_by_stamp: dict[int, object] = {}
     latest_info = None
@@ -100,19 +104,36 @@ def read_camera_frames(reader, topics: BagTopics) -> list[CameraFrame]:
                 latest_info = msg
                 infos_by_stamp[stamp_ns(msg.header)] = msg
             else:
-                images.append((log_ns, msg, latest_info))
+                images.append((log_ns, stamp_ns(msg.header), msg.header.frame_id, latest_info))
     except Exception as e:
         raise BagError(f"bag is truncated or corrupt while reading {topics.image}: {e}") from None
     frames = []
-    for i, (log_ns, msg, latest) in enumerate(images):
-        st = stamp_ns(msg.header)
+    for i, (log_ns, st, frame_id, latest) in enumerate(images):
         info = infos_by_stamp.get(st, latest)
         if info is None:
             raise BagError(f"image {i} on {topics.image} (stamp {st}) has no CameraInfo on {topics.camera_info}")
-        frames.append(CameraFrame(i, log_ns, st, msg, topics.image_type, info))
+        frames.append(CameraFrame(i, log_ns, st, None, topics.image_type, info, frame_id))
     if not frames:
         raise BagError(f"no messages on {topics.image}")
     return frames
+
+
+def stream_images(path, topics: BagTopics, frames: list[CameraFrame]) -> Iterator[CameraFrame]:
+    """The indexed frames again, in recording order, now with their image messages."""
+    with open_bag(path) as reader:
+        conns = [c for c in reader.connections if c.topic == topics.image]
+        it = reader.messages(connections=conns)
+        for frame in frames:
+            try:
+                conn, _, raw = next(it)
+                msg = reader.deserialize(raw, conn.msgtype)
+            except StopIteration:
+                raise BagError(f"{path}: image {frame.index} vanished on re-read") from None
+            except Exception as e:
+                raise BagError(f"{path}: damaged at image {frame.index}: {e}") from None
+            if stamp_ns(msg.header) != frame.stamp_ns:
+                raise BagError(f"{path}: image {frame.index} changed between reads")
+            yield dataclasses.replace(frame, image=msg)
 
 
 # ----------------------------------------------------------------------------- rosbags -> rclpy
@@ -227,16 +248,21 @@ def parse_extrinsic(text: Optional[str]) -> Optional[np.ndarray]:
 
 class GroundTruth:
     """The bag's LiDAR scans, turned into a depth map for any image stamp with the bag readers'
-    `lidar_depth_map` (the ground truth of `diffsql-eval --protocol bag`)."""
+    `lidar_depth_map` (the ground truth of `diffsql-eval --protocol bag`). Only stamps are kept;
+    a scan is read from the bag when an image needs it (bags of hours fit in memory)."""
 
     depth_definition = "camera z of the nearest-stamp LiDAR scan, projected with camera_info P"
 
-    def __init__(self, stamps, scans, T_lidar_to_cam, infos, tolerance_ns, extrinsic_source):
-        self.stamps, self.scans = list(stamps), list(scans)  # ascending stamps, N x 4 points
+    def __init__(self, path, topic, stamps, log_times, T_lidar_to_cam, infos, tolerance_ns, extrinsic_source):
+        self.path, self.topic = path, topic
+        self.stamps, self.log_times = list(stamps), list(log_times)  # ascending stamps
         self.T = T_lidar_to_cam
         self.infos = infos  # image stamp -> (K 3x3, (width, height))
         self.tolerance_ns = tolerance_ns
         self.extrinsic_source = extrinsic_source
+        self._reader_ctx = self._reader = None
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_bag(cls, path, topics: BagTopics, frames, extrinsic=None, tolerance_s: float = 0.05):
@@ -244,23 +270,25 @@ class GroundTruth:
 
         infos = {f.stamp_ns: (bags.camera_matrix(f.info), (int(f.info.width), int(f.info.height)))
                  for f in frames}
-        stamps, scans, lidar_frame = [], [], None
+        stamps, log_times, lidar_frame = [], [], None
         if topics.lidar:
-            for scan in bags.read_lidar(path, topics.lidar):
-                stamps.append(scan.stamp_ns)
-                scans.append(scan.points)
-                lidar_frame = scan.frame_id
+            with open_bag(path) as reader:
+                conns = [c for c in reader.connections if c.topic == topics.lidar]
+                for _, t, msg in bags.iter_messages(reader, conns, path):
+                    stamps.append(stamp_ns(msg.header))
+                    log_times.append(t)
+                    lidar_frame = msg.header.frame_id
         order = np.argsort(stamps, kind="stable")
-        stamps, scans = [stamps[i] for i in order], [scans[i] for i in order]
+        stamps, log_times = [stamps[i] for i in order], [log_times[i] for i in order]
         T, source = extrinsic, "--extrinsic"
-        if T is None and scans:
-            cam_frame = frames[0].image.header.frame_id
+        if T is None and stamps:
+            cam_frame = frames[0].frame_id
             try:
                 T = bags.lookup_transform(bags.read_static_transforms(path), cam_frame, lidar_frame)
             except bags.BagError as e:
                 raise BagError(f"{e}: pass the LiDAR -> camera transform with --extrinsic") from None
             source = f"/tf_static ({lidar_frame} -> {cam_frame})"
-        return cls(stamps, scans, T, infos, int(tolerance_s * 1e9), source)
+        return cls(path, topics.lidar, stamps, log_times, T, infos, int(tolerance_s * 1e9), source)
 
     def _nearest(self, stamp: int) -> Optional[int]:
         from diffsql_model.data.pairing import nearest_by_stamp
@@ -270,6 +298,31 @@ class GroundTruth:
     def has_scan(self, stamp: int) -> bool:
         return self._nearest(stamp) is not None
 
+    def _scan(self, i: int) -> np.ndarray:
+        """Points of scan i, read by seeking to its recording time (the last two are cached)."""
+        from diffsql_model.data.bag_reader import decode_pointcloud
+
+        if i in self._cache:
+            return self._cache[i]
+        if self._reader is None:
+            self._reader_ctx = open_bag(self.path)
+            self._reader = self._reader_ctx.__enter__()
+        conns = [c for c in self._reader.connections if c.topic == self.topic]
+        t = self.log_times[i]
+        try:
+            for conn, _, raw in self._reader.messages(connections=conns, start=t, stop=t + 1):
+                msg = self._reader.deserialize(raw, conn.msgtype)
+                if stamp_ns(msg.header) == self.stamps[i]:
+                    if len(self._cache) >= 2:
+                        self._cache.pop(next(iter(self._cache)))
+                    self._cache[i] = decode_pointcloud(msg)
+                    return self._cache[i]
+        except BagError:
+            raise
+        except Exception as e:
+            raise BagError(f"{self.path}: LiDAR scan {i} unreadable: {e}") from None
+        raise BagError(f"{self.path}: LiDAR scan {i} (stamp {self.stamps[i]}) vanished on re-read")
+
     def depth_map(self, stamp: int):
         """(H x W metres, 0 = no return) for the image of `stamp`, or (None, why not)."""
         from diffsql_model.data.bag_reader import lidar_depth_map
@@ -278,4 +331,11 @@ class GroundTruth:
         if i is None:
             return None, f"no LiDAR scan within {self.tolerance_ns / 1e9:g} s of this image"
         K, size = self.infos[stamp]
-        return lidar_depth_map(self.scans[i], self.T, K, size), ""
+        with self._lock:
+            points = self._scan(i)
+        return lidar_depth_map(points, self.T, K, size), ""
+
+    def close(self) -> None:
+        if self._reader_ctx is not None:
+            self._reader_ctx.__exit__(None, None, None)
+            self._reader_ctx = self._reader = None

@@ -154,7 +154,9 @@ def test_ros1_camera_info_becomes_the_ros2_message(work, kitti_raw):
         bags.kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", bag, frames=[0, 1, 50])
     with BP.open_bag(bag) as reader:
         topics = BP.choose_topics(reader)
-        frames = BP.read_camera_frames(reader, topics)
+        index = BP.index_camera(reader, topics)
+    assert [f.image for f in index] == [None] * 3  # the index holds no pixels
+    frames = list(BP.stream_images(bag, topics, index))
     info = BP.to_rclpy(frames[0].info, BP.INFO_TYPE)
     calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
     np.testing.assert_allclose(np.reshape(info.p, (3, 4)), calib.P_rect)
