@@ -214,7 +214,7 @@ def run(args) -> dict:
         "replay_s": replay_s,  # first to last image published
         "startup_s": startup_s,
         "metrics": result["metrics"], "scaling": result["scaling"],
-        "protocol": {"name": "bag", **cfg.to_dict()},
+        "protocol": {k: v for k, v in cfg.to_dict().items() if k != "gt_depth"},  # gt_depth: eigen only
         "gt_depth": truth.depth_definition,
         "errors": result["errors"], "missing": result["missing"], "per_frame": result["per_frame"],
         "node": {"command": node_proc.cmd, "exit_code": rc, "params_file": str(args.params_file)},

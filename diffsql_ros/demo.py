@@ -176,7 +176,8 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
         R.Section("Run", tables=[R.Table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])],
                   paragraphs=[f"checkpoint: {train_info.get('checkpoint')}"
                               + (" (reused)" if train_info.get("reused") else ""),
-                              f"synthetic sample: {sample['synthetic']['frames']} frames (train / val / test)"]),
+                              "synthetic sample: {train} training / {val} validation / {test} held-out "
+                              "test frames".format(**sample["synthetic"]["frames"])]),
     ]
     if curve.get("points"):
         sections.insert(3, R.Section("Training", paragraphs=["Validation AbsRel (8 frames of a separate synthetic drive) "
