@@ -2,7 +2,7 @@
 (+ optimizer step), and images/s, for CPU-sized presets on the real KITTI sample.
 
     .venv/bin/python bench/train_step.py [--presets lite tiny_sd] [--size 96x320] [--batch 4]
-        [--steps 5] [--threads N] [--device cpu]
+        [--steps 5] [--threads N] [--device cpu] [--frames 0,-1,1]
 """
 from __future__ import annotations
 
@@ -64,12 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--stereo", action="store_true", help="MS: add the stereo partner")
+    p.add_argument("--frames", default="0,-1,1", help="frame ids: 0,-1,1 (M), 0,-1,1,s (MS), 0,s (stereo)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     h, w = (int(v) for v in a.size.lower().split("x"))
-    frames = [0, -1, 1] + (["s"] if a.stereo else [])
+    frames = [f if f == "s" else int(f) for f in a.frames.split(",")]
     print(f"device {a.device}, {torch.get_num_threads()} threads, {h}x{w}, batch {a.batch}, "
           f"frames {frames}, mean of {a.steps} steps after 1 warm-up")
     head = f"{'preset':<10}{'trainable M':>12}{'data ms':>10}{'fwd ms':>10}{'bwd ms':>10}{'step ms':>10}{'img/s':>8}"
