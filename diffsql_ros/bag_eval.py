@@ -17,7 +17,6 @@ main pass, where `depth` is the node's only subscribed output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import signal

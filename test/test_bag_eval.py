@@ -15,7 +15,6 @@ from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
 from diffsql_model.data.sample_cli import synthetic_drive_to_bag  # noqa: E402
 from diffsql_ros import bag_player as BP  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

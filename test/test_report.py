@@ -1,7 +1,6 @@
 """HTML report and point-cloud rendering: pixel positions by hand, z-buffer, page parsed back."""
 import html.parser
 import math
-import pathlib
 
 import cv2
 import numpy as np
