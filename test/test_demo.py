@@ -85,3 +85,34 @@ def test_demo_end_to_end_and_rerun(tmp_path, shared_dir):
     again = json.loads((out / "eval_synthetic.json").read_text())
     assert again["metrics"] == pytest.approx(offline["metrics"], rel=1e-6)
     print(f"rerun took {seconds2:.0f} s")
+
+
+def test_sample_builder_small(tmp_path, shared_dir):
+    """diffsql-make-sample with small settings: split files, both bags readable, reuse, errors."""
+    from diffsql_model.data import bag_reader
+    from diffsql_model.data.sample_cli import SampleSettings, build_sample, main
+
+    s = SampleSettings(width=64, height=32, train_drives=2, train_frames=4, val_frames=2, test_frames=3,
+                       bag_format="sqlite3")
+    logs = []
+    m = build_sample(tmp_path / "s", shared_dir, s, log=logs.append)
+    syn = m["synthetic"]
+    # 2 drives x 2 inner frames x (l, r) training lines; validation and test frames as asked
+    assert syn["frames"] == {"train": 8, "val": 2, "test": 3}
+    assert pathlib.Path(syn["test_split"]).read_text().split("\n")[0] == f"2011_01_01/{syn['test_drive']} 0 l"
+    with bag_reader.open_bag(syn["test_bag"]) as r:
+        counts = {c.topic: c.msgcount for c in r.connections}
+    assert counts == {"/camera/left/image_raw": 3, "/camera/left/camera_info": 3, "/lidar/points": 3,
+                      "/tf_static": 1}
+    frames = list(bag_reader.read_camera_stream(syn["test_bag"]))
+    assert frames[0].rgb.shape == (32, 64, 3) and frames[1].stamp_ns - frames[0].stamp_ns == 100_000_000
+    with bag_reader.open_bag(m["kitti"]["bag"]) as r:
+        counts = {c.topic: c.msgcount for c in r.connections}
+    # the 12 real frames of drive 0001; 10 of them have a velodyne scan
+    assert counts["/kitti/camera_color_left/image_raw"] == 12 and counts["/kitti/velo/pointcloud"] == 10
+    # a second call with the same settings reuses everything; other settings rebuild
+    t = time.monotonic()
+    assert build_sample(tmp_path / "s", shared_dir, s, log=logs.append) == m
+    assert time.monotonic() - t < 2 and logs[-1].startswith("sample: reusing")
+    assert main(["--out", str(tmp_path / "x"), "--shared", str(tmp_path / "nowhere"), "--train-frames", "3",
+                 "--train-drives", "1", "--test-frames", "2", "--width", "64", "--height", "32"]) == 2

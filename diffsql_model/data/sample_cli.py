@@ -113,6 +113,8 @@ def build_sample(out: str | pathlib.Path, shared: str | pathlib.Path, settings: 
         if old.get("settings") == dataclasses.asdict(s) and old.get("complete"):
             log(f"sample: reusing {out}")
             return old
+    if not (shared / "data" / "kitti" / "raw" / KITTI_DATE).is_dir():  # fail before any work
+        raise FileNotFoundError(f"real KITTI sample not found under {shared / 'data' / 'kitti' / 'raw'} (pass --shared)")
     t0 = time.monotonic()
     for sub in ("synthetic", "bags"):
         shutil.rmtree(out / sub, ignore_errors=True)  # a half-built sample is never reused
