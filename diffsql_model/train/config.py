@@ -121,7 +121,6 @@ class TrainConfig(YamlConfig):
     def with_overrides(self, overrides: list[str]):
         """Like YamlConfig.with_overrides, plus `model.<ModelConfig field>=v` shorthands that land
         in model.overrides (e.g. `--set model.height=96`)."""
-        overrides = [_yaml11_float(item) for item in overrides]
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         own = {f.name for f in dataclasses.fields(ModelSection)}
         plain, routed = [], {}
@@ -144,19 +143,6 @@ class TrainConfig(YamlConfig):
             data["model"]["overrides"] = _deep_merge(data["model"].get("overrides") or {}, routed)
             cfg = type(self).from_dict(data)
         return cfg
-
-
-def _yaml11_float(item: str) -> str:
-    """`optim.lr=2e-4` -> `optim.lr=0.0002`: YAML 1.1 (PyYAML) reads a float without a dot as a
-    string, which would then be rejected as 'expected float'."""
-    if "=" not in item:
-        return item
-    key, raw = item.split("=", 1)
-    try:
-        value = float(raw)
-    except ValueError:
-        return item
-    return f"{key}={value!r}" if not raw.strip().lstrip("+-").isdigit() else item
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
