@@ -93,7 +93,9 @@ class DynamicSelfQueryLayer(nn.Module):
         Q = self.query_proj(q_out)  # B x K x E
         # Eq. 7 names Q_dynamic, which lives in token space (C); S has E channels, so the attended
         # Q_output of Eq. 6, projected to E, is what meets S here.
-        V = torch.einsum("bke,behw->bkhw", Q, S)  # Eq. 7, self_cost_volume
+        # Eq. 7, self_cost_volume, scaled by 1/sqrt(E) like Eq. 4: unscaled |V| grows into the
+        # thousands during training and both softmaxes (Eqs. 8-9) turn one-hot, freezing depth.
+        V = torch.einsum("bke,behw->bkhw", Q, S) / math.sqrt(S.shape[1])
         # Eq. 8: per query, pixels pooled by softmax(V_i) over all h*w pixels; summed over queries.
         attn = F.softmax(V.flatten(2), dim=-1)  # B x K x hw
         pooled = torch.einsum("bkn,ben->be", attn, S.flatten(2))  # B x E

@@ -20,7 +20,7 @@ def _layer(mode, token_channels=0, seed=0):
 
 
 def _reference(layer, S, H):
-    """Eqs. 1-11 written out from the paper (with the documented 1/sqrt(C) in Eq. 4)."""
+    """Eqs. 1-11 written out from the paper (with the documented 1/sqrt(C) in Eq. 4, 1/sqrt(E) in Eq. 7)."""
     lin = lambda x, m: x @ m.weight.T + m.bias  # noqa: E731
     g = H.sum(dim=1) / H.shape[1]  # Eq. 1
     q_dyn = layer.q_base[None].repeat(H.shape[0], 1, 1)  # Q_base, B x K x C
@@ -30,7 +30,7 @@ def _reference(layer, S, H):
     A = A.exp() / A.exp().sum(dim=-1, keepdim=True)  # Eq. 5
     q_out = torch.einsum("bkl,blc->bkc", A, H)  # Eq. 6
     Q = lin(q_out, layer.query_proj)
-    V = torch.einsum("bke,behw->bkhw", Q, S)  # Eq. 7
+    V = torch.einsum("bke,behw->bkhw", Q, S) / math.sqrt(E)  # Eq. 7, with the documented 1/sqrt(E)
     B, _, h, w = V.shape
     Vf = V.reshape(B, K, h * w)
     sm = Vf.exp() / Vf.exp().sum(-1, keepdim=True)
