@@ -85,6 +85,15 @@ def test_nearest_point_wins(calib):
         assert np.count_nonzero(depth) == 1 and depth[179, 599] == pytest.approx(X[0], rel=1e-6)
 
 
+def test_splat_nearest_by_hand():
+    u = np.array([1, 1, 0, 3, -1, 2, np.nan])
+    v = np.array([0, 0, 1, 0, 0, 2, 0])  # (1,0) twice; (3,0), (-1,0), (2,2) outside a 3 x 2 image
+    value = np.array([5.0, 2.0, 7.0, 1.0, 1.0, 1.0, 1.0])
+    out = G.splat_nearest(u, v, value, height=2, width=3)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[0, 2, 0], [7, 0, 0]])
+
+
 @pytest.mark.parametrize("frame", FRAMES)
 def test_velodyne_gt_matches_improved_gt(kitti_raw, kitti_depth, calib, frame):
     points = scan(kitti_raw, frame)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from diffsql_model.data.bag_writer import get_bag_typestore
+from diffsql_model.data.ground_truth import splat_nearest
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 INFO_TYPE = "sensor_msgs/msg/CameraInfo"
@@ -271,15 +272,6 @@ def lidar_depth_map(points: np.ndarray, T_lidar_to_cam: np.ndarray, K: np.ndarra
     cam = xyz @ np.asarray(T_lidar_to_cam)[:3, :3].T + np.asarray(T_lidar_to_cam)[:3, 3]
     cam = cam[cam[:, 2] > min_depth]
     uvw = cam @ np.asarray(K, dtype=np.float64).T
-    u = np.floor(uvw[:, 0] / uvw[:, 2] + 0.5)
+    u = np.floor(uvw[:, 0] / uvw[:, 2] + 0.5)  # ROS: 0-based pixels, centres on integers
     v = np.floor(uvw[:, 1] / uvw[:, 2] + 0.5)
-    keep = (u >= 0) & (v >= 0) & (u < width) & (v < height)
-    flat = v[keep].astype(np.int64) * width + u[keep].astype(np.int64)
-    z = cam[keep, 2]
-    order = np.lexsort((z, flat))
-    flat, z = flat[order], z[order]
-    first = np.ones(len(flat), dtype=bool)
-    first[1:] = flat[1:] != flat[:-1]
-    out = np.zeros(height * width, dtype=np.float32)
-    out[flat[first]] = z[first]
-    return out.reshape(height, width)
+    return splat_nearest(u, v, cam[:, 2], height, width)

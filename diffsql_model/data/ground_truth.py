@@ -42,6 +42,26 @@ def read_velodyne_bin(path: str | pathlib.Path) -> np.ndarray:
     return points
 
 
+def splat_nearest(u: np.ndarray, v: np.ndarray, value: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scatter `value` to integer pixels (u, v) -> H x W float32, 0 where nothing lands.
+
+    The smallest value wins where several land on one pixel (the nearest point: a z-buffer).
+    u, v: N integer-valued pixel coordinates in the caller's convention; out-of-image or
+    non-finite ones are dropped.
+    """
+    keep = (u >= 0) & (v >= 0) & (u < width) & (v < height) & np.isfinite(u) & np.isfinite(v)
+    flat = v[keep].astype(np.int64) * width + u[keep].astype(np.int64)
+    value = value[keep]
+    # sort by pixel then value, keep each pixel's first (smallest) value
+    order = np.lexsort((value, flat))
+    flat, value = flat[order], value[order]
+    first = np.ones(len(flat), dtype=bool)
+    first[1:] = flat[1:] != flat[:-1]
+    out = np.zeros(height * width, dtype=np.float32)
+    out[flat[first]] = value[first]
+    return out.reshape(height, width)
+
+
 def velodyne_depth_map(
     points: np.ndarray,
     calib: KittiCalib,
@@ -63,24 +83,15 @@ def velodyne_depth_map(
     homo = np.concatenate([xyz, np.ones((len(xyz), 1))], axis=1)  # N x 4
     uvw = homo @ calib.P_velo_to_image.T  # N x 3, w = rectified camera-0 z (devkit division)
     with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.round(uvw[:, 0] / uvw[:, 2]) - 1
+        u = np.round(uvw[:, 0] / uvw[:, 2]) - 1  # devkit: 1-based pixels -> 0-based
         v = np.round(uvw[:, 1] / uvw[:, 2]) - 1
     if depth == "velo_x":
         value = xyz[:, 0]
     else:  # z in this camera's rectified optical frame
         value = (homo @ calib.T_velo_to_cam.T)[:, 2]
-    keep = (u >= 0) & (v >= 0) & (u < width) & (v < height) & np.isfinite(u) & np.isfinite(v)
-    flat = v[keep].astype(np.int64) * width + u[keep].astype(np.int64)
-    value = value[keep]
-    # nearest wins: sort by pixel then value, keep each pixel's first (smallest) value
-    order = np.lexsort((value, flat))
-    flat, value = flat[order], value[order]
-    first = np.ones(len(flat), dtype=bool)
-    first[1:] = flat[1:] != flat[:-1]
-    out = np.zeros(height * width, dtype=np.float32)
-    out[flat[first]] = value[first]
+    out = splat_nearest(u, v, value, height, width)
     out[out < 0] = 0  # as the devkit-based code: negative values are no measurement
-    return out.reshape(height, width)
+    return out
 
 
 def read_depth_png(path: str | pathlib.Path) -> np.ndarray:
