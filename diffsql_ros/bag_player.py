@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import pathlib
 import threading
 import time
 from typing import Iterator, Optional
 
 import numpy as np
 
-from diffsql_model.data.bag_reader import BagError, info_topic_for
+from diffsql_model.data.bag_reader import (  # not bags.py: that imports torch
+    CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, camera_matrix, decode_pointcloud, info_topic_for,
+    iter_messages, lidar_depth_map, lookup_transform, open_bag, pick_topic, read_static_transforms,
+    stamp_ns,
+)
+from diffsql_model.data.pairing import nearest_by_stamp
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-INFO_TYPE = "sensor_msgs/msg/CameraInfo"
-CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 # Preferred names when a bag holds several candidates: kitti2bag's left colour camera / LiDAR.
 PREFERRED = {
     "image": ("/kitti/camera_color_left/image_raw",),
     "lidar": ("/kitti/velo/pointcloud",),
 }
-
-
 
 
 @dataclasses.dataclass
@@ -49,41 +48,13 @@ class CameraFrame:
     frame_id: str = ""
 
 
-def stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-
-
-def open_bag(path: str | pathlib.Path):
-    """`with open_bag(p) as reader:` (the bag readers' opener: clear BagError when unreadable)."""
-    from diffsql_model.data.bag_reader import open_bag as _open
-
-    return _open(path)
-
-
-def _pick(reader, kind: str, types: tuple, wanted: Optional[str]) -> Optional[str]:
-    topics = {c.topic: c.msgtype for c in reader.connections}
-    if wanted:
-        if wanted not in topics:
-            raise BagError(f"topic {wanted!r} not in bag (topics: {sorted(topics)})")
-        if topics[wanted] not in types:
-            raise BagError(f"topic {wanted!r} is {topics[wanted]}, expected one of {types}")
-        return wanted
-    found = sorted(t for t, ty in topics.items() if ty in types)
-    for name in PREFERRED.get(kind, ()):
-        if name in found:
-            return name
-    if len(found) > 1:
-        raise BagError(f"several {kind} topics in the bag, choose one with --{kind}-topic: {found}")
-    return found[0] if found else None
-
-
 def choose_topics(reader, image_topic=None, info_topic=None, lidar_topic=None) -> BagTopics:
     """Resolve the camera / LiDAR topics: as given, else kitti2bag names, else the only candidate."""
-    image = _pick(reader, "image", IMAGE_TYPES, image_topic)
-    if image is None:
-        raise BagError("bag has no sensor_msgs Image or CompressedImage topic")
+    image = pick_topic(reader, image_topic, IMAGE_TYPES, "camera image (--image-topic)", "the bag",
+                       PREFERRED["image"])
     info_topic = info_topic_for(reader, image, info_topic, "the bag")
-    lidar = _pick(reader, "lidar", (CLOUD_TYPE,), lidar_topic)
+    lidar = pick_topic(reader, lidar_topic, (CLOUD_TYPE,), "PointCloud2 (--lidar-topic)", "the bag",
+                       PREFERRED["lidar"], required=False)
     image_type = next(c.msgtype for c in reader.connections if c.topic == image)
     return BagTopics(image, info_topic, lidar, image_type)
 
@@ -266,15 +237,13 @@ class GroundTruth:
 
     @classmethod
     def from_bag(cls, path, topics: BagTopics, frames, extrinsic=None, tolerance_s: float = 0.05):
-        from diffsql_model.data import bag_reader as bags  # not bags.py: that imports torch
-
-        infos = {f.stamp_ns: (bags.camera_matrix(f.info), (int(f.info.width), int(f.info.height)))
+        infos = {f.stamp_ns: (camera_matrix(f.info), (int(f.info.width), int(f.info.height)))
                  for f in frames}
         stamps, log_times, lidar_frame = [], [], None
         if topics.lidar:
             with open_bag(path) as reader:
                 conns = [c for c in reader.connections if c.topic == topics.lidar]
-                for _, t, msg in bags.iter_messages(reader, conns, path):
+                for _, t, msg in iter_messages(reader, conns, path):
                     stamps.append(stamp_ns(msg.header))
                     log_times.append(t)
                     lidar_frame = msg.header.frame_id
@@ -284,15 +253,13 @@ class GroundTruth:
         if T is None and stamps:
             cam_frame = frames[0].frame_id
             try:
-                T = bags.lookup_transform(bags.read_static_transforms(path), cam_frame, lidar_frame)
-            except bags.BagError as e:
+                T = lookup_transform(read_static_transforms(path), cam_frame, lidar_frame)
+            except BagError as e:
                 raise BagError(f"{e}: pass the LiDAR -> camera transform with --extrinsic") from None
             source = f"/tf_static ({lidar_frame} -> {cam_frame})"
         return cls(path, topics.lidar, stamps, log_times, T, infos, int(tolerance_s * 1e9), source)
 
     def _nearest(self, stamp: int) -> Optional[int]:
-        from diffsql_model.data.pairing import nearest_by_stamp
-
         return nearest_by_stamp(self.stamps, stamp, self.tolerance_ns)
 
     def has_scan(self, stamp: int) -> bool:
@@ -300,8 +267,6 @@ class GroundTruth:
 
     def _scan(self, i: int) -> np.ndarray:
         """Points of scan i, read by seeking to its recording time (the last two are cached)."""
-        from diffsql_model.data.bag_reader import decode_pointcloud
-
         if i in self._cache:
             return self._cache[i]
         if self._reader is None:
@@ -325,8 +290,6 @@ class GroundTruth:
 
     def depth_map(self, stamp: int):
         """(H x W metres, 0 = no return) for the image of `stamp`, or (None, why not)."""
-        from diffsql_model.data.bag_reader import lidar_depth_map
-
         i = self._nearest(stamp)
         if i is None:
             return None, f"no LiDAR scan within {self.tolerance_ns / 1e9:g} s of this image"

@@ -12,7 +12,7 @@ from PIL import Image
 from diffsql_model.data.bag_writer import _Messages, get_bag_typestore
 from diffsql_model.data.bags import (
     BagDataset, BagError, BagFrame, BagWriteError, camera_matrix, decode_image, decode_pointcloud,
-    field, kitti_drive_to_bag, lookup_transform, open_bag, read_camera_stream, read_lidar,
+    field, kitti_drive_to_bag, lookup_transform, open_bag, pick_topic, read_camera_stream, read_lidar,
     read_static_transforms, write_bag,
 )
 from diffsql_model.data.calib import load_kitti_calib
@@ -106,6 +106,21 @@ def test_camera_stream_lidar_and_tf_read_back(bags, kitti_raw):
     assert T[0, 3] == pytest.approx(-0.5327, abs=1e-3)
     with pytest.raises(BagError, match="no static transform chain"):
         lookup_transform(tfs, "camera_color_left", "base_footprint")
+
+
+def test_pick_topic_preferred_and_optional(bags):
+    left, right = TOPICS["ros1"][:2]
+    image_types = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+    with open_bag(bags["ros1"]) as reader:
+        assert pick_topic(reader, None, image_types, "image", "b", preferred=("/absent", left)) == left
+        assert pick_topic(reader, right, image_types, "image", "b", preferred=(left,)) == right  # named wins
+        with pytest.raises(BagError, match="several image topics"):
+            pick_topic(reader, None, image_types, "image", "b", preferred=("/absent",))
+        assert pick_topic(reader, None, ("sensor_msgs/msg/Imu",), "IMU", "b", required=False) is None
+        with pytest.raises(BagError, match="no IMU topic"):
+            pick_topic(reader, None, ("sensor_msgs/msg/Imu",), "IMU", "b")
+        with pytest.raises(BagError, match="expected sensor_msgs/msg/PointCloud2"):
+            pick_topic(reader, left, ("sensor_msgs/msg/PointCloud2",), "cloud", "b", required=False)
 
 
 def test_frames_without_scan_get_no_depth(kitti_raw, tmp_path):

@@ -102,8 +102,10 @@ def topics_of(reader) -> dict[str, str]:
     return {c.topic: c.msgtype for c in reader.connections}
 
 
-def pick_topic(reader, wanted: str | None, msgtypes, what: str, path) -> str:
-    """The topic named `wanted` (checked), or the single topic of one of `msgtypes`."""
+def pick_topic(reader, wanted: str | None, msgtypes, what: str, path, preferred=(),
+               required: bool = True) -> str | None:
+    """The topic named `wanted` (checked), else the first of `preferred` present, else the single
+    topic of one of `msgtypes`; none found: BagError, or None when not `required`."""
     topics = topics_of(reader)
     if wanted is not None:
         if wanted not in topics:
@@ -112,9 +114,14 @@ def pick_topic(reader, wanted: str | None, msgtypes, what: str, path) -> str:
             raise BagError(f"{path}: topic {wanted!r} is {topics[wanted]}, expected {' or '.join(msgtypes)}")
         return wanted
     found = sorted(t for t, ty in topics.items() if ty in msgtypes)
+    for name in preferred:
+        if name in found:
+            return name
     if len(found) == 1:
         return found[0]
     if not found:
+        if not required:
+            return None
         raise BagError(f"{path}: no {what} topic ({' / '.join(msgtypes)}); topics: {sorted(topics)}")
     raise BagError(f"{path}: several {what} topics, choose one: {found}")
 
