@@ -4,6 +4,11 @@ Pixel convention: pixel (u, v) = (column, row) has its centre at integer coordin
 convention K uses (cx ~ (W - 1) / 2 for a centred principal point; KITTI's P_rect follows it).
 Normalised grid coordinates are therefore x = 2 u / (W - 1) - 1, and every `grid_sample` here
 uses `align_corners=True`, where -1 and +1 are the centres of the first and last pixels.
+This is the project's one pixel convention (also ROS camera_info and OpenCV): resizing an image
+by s (align_corners=False) maps c -> (c + 0.5) s - 0.5, a horizontal flip cx -> W - 1 - cx
+(`data/augment.scale_K`, `diffsql_ros/pointcloud.intrinsics_for_image`, LiDAR maps in
+`data/bag_reader`). Exceptions, kept as published: the normalised KITTI K (c = W/2, H/2, built at
+the network size) and the devkit's 1-based ground-truth pixels (`data/ground_truth`).
 
 Poses follow docs/interfaces.md: `T` (B x 4 x 4) maps target camera points into the source
 camera (X_src = T @ X_tgt), optical frame x right, y down, z forward.

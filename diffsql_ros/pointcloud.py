@@ -41,7 +41,7 @@ def intrinsics_for_image(info: CameraInfo, width: int, height: int) -> np.ndarra
         if abs(sx / sy - 1.0) > 0.02:
             raise CameraInfoError(
                 f"camera_info is {cal_w}x{cal_h}, image is {width}x{height}: not a uniform resize")
-        # Pixel-centre convention: u' + 0.5 = s (u + 0.5).
+        # Pixel centres on integers (diffsql_model/geometry.py): u' + 0.5 = s (u + 0.5).
         K[0, 0] *= sx
         K[1, 1] *= sy
         K[0, 1] *= sx

@@ -29,8 +29,8 @@ def test_fx_fy_cx_cy_and_longer_window(kitti_raw):
                             is_train=False)
     assert len(ds) == 3 and ds[0]["index"] == 2
     K = ds[0]["K"].double().numpy()
-    assert np.allclose(K[:3, :3], [[700 * 320 / 1242, 0, 620 * 320 / 1242], [0, 690 * 96 / 375, 180 * 96 / 375],
-                                   [0, 0, 1]])
+    assert np.allclose(K[:3, :3], [[700 * 320 / 1242, 0, 620.5 * 320 / 1242 - 0.5],
+                                   [0, 690 * 96 / 375, 180.5 * 96 / 375 - 0.5], [0, 0, 1]])
     assert torch.equal(ds[0][("color", 2)], ds[2][("color", 0)])
 
 

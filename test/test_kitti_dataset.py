@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsql_model.data.augment import AugmentConfig, draw_augmentation
+from diffsql_model.data.augment import AugmentConfig, AugmentDraw, build_sample, draw_augmentation
 from diffsql_model.data.kitti import KittiDataError, KittiRawDataset, parse_split_lines
 
 DRIVE = "2011_09_26/2011_09_26_drive_0001_sync"
@@ -30,8 +30,8 @@ def test_shapes_and_K_from_real_calibration(kitti_raw):
     K = s["K"].double().numpy()
     assert K[0, 0] == pytest.approx(FX * 640 / 1242, rel=1e-6)  # 371.807
     assert K[1, 1] == pytest.approx(FX * 192 / 375, rel=1e-6)  # 369.427
-    assert K[0, 2] == pytest.approx(CX * 640 / 1242, rel=1e-6)
-    assert K[1, 2] == pytest.approx(CY * 192 / 375, rel=1e-6)
+    assert K[0, 2] == pytest.approx((CX + 0.5) * 640 / 1242 - 0.5, rel=1e-6)  # pixel centres on integers
+    assert K[1, 2] == pytest.approx((CY + 0.5) * 192 / 375 - 0.5, rel=1e-6)
     assert torch.allclose(s["inv_K"] @ s["K"], torch.eye(4), atol=1e-5)
     # real baseline: (44.85728 + 339.5242) / 721.5377 in x (plus 2.7 mm in y): 0.5327 m, left -> right = -x
     assert s["stereo_T"][0, 3].item() == pytest.approx(-0.53272, abs=2e-5)
@@ -69,11 +69,26 @@ def test_flip_flips_images_cx_stereo_sign_and_depth(kitti_raw):
     for fid in (0, -1, 1, "s"):
         assert torch.equal(flipped[("color", fid)], plain[("color", fid)].flip(-1))
         assert torch.equal(flipped[("color_aug", fid)], flipped[("color", fid)])
-    assert flipped["K"][0, 2].item() == pytest.approx(640 - plain["K"][0, 2].item(), abs=1e-4)
+    assert flipped["K"][0, 2].item() == pytest.approx(639 - plain["K"][0, 2].item(), abs=1e-4)
     assert flipped["K"][0, 0].item() == pytest.approx(plain["K"][0, 0].item())
     assert flipped["stereo_T"][0, 3].item() == pytest.approx(-plain["stereo_T"][0, 3].item())
     assert plain["depth_gt"].shape == (1, 375, 1242) and (plain["depth_gt"] > 0).sum() > 10000
     assert torch.equal(flipped["depth_gt"], plain["depth_gt"].flip(-1))
+
+
+def test_K_follows_the_image_through_resize_and_flip():
+    # a bright column on the principal point's column: after the resize (and flip) its intensity
+    # centroid must sit at the new K's cx (pixel centres on integers, as geometry.warp samples)
+    u0 = 61
+    rgb = np.zeros((8, 200, 3), np.uint8)
+    rgb[:, u0] = 255
+    K = np.array([[100.0, 0, u0], [0, 100, 4], [0, 0, 1]])
+    for flip in (False, True):
+        s = build_sample({0: rgb}, K, 8, 100, AugmentDraw(flip=flip))
+        profile = s[("color", 0)][0, 4].double()
+        centroid = (profile * torch.arange(100)).sum() / profile.sum()
+        assert s["K"][0, 2].item() == pytest.approx(centroid.item(), abs=0.02)
+        assert centroid.item() == pytest.approx(68.75 if flip else 30.25, abs=0.02)  # (61.5 / 2 - 0.5)
 
 
 def test_brightness_jitter_is_hand_computable_and_colors_untouched(kitti_raw):

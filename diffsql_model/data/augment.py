@@ -3,8 +3,8 @@
 Resize to the network size, scale K, and (training only) the Monodepth2/SQLdepth
 augmentation of PROTOCOLS.md: horizontal flip p=0.5 and colour jitter p=0.5 with
 brightness/contrast/saturation in (0.8, 1.2) and hue +-0.1, one draw for all frames of a
-sample. K is kept in the continuous-pixel convention (pixel i covers [i, i+1)), in which
-resizing multiplies K and a flip maps cx -> W - cx, as the normalised KITTI intrinsics do.
+sample. K follows the pixel convention of geometry.py (pixel centres on integer coordinates):
+resizing by s maps cx -> (cx + 0.5) s - 0.5 and a flip maps cx -> W - 1 - cx.
 """
 from __future__ import annotations
 
@@ -29,15 +29,23 @@ class AugmentConfig(YamlConfig):
 
 
 def normalised_kitti_K(width: int, height: int) -> np.ndarray:
-    """KITTI's average intrinsics at (width, height): fx = 0.58 W, fy = 1.92 H, c = image centre."""
+    """KITTI's average intrinsics at (width, height): fx = 0.58 W, fy = 1.92 H, c = (W/2, H/2).
+
+    A published convention (Monodepth2 and successors), used as given at the network size:
+    build it at (width, height) of the network, do not resize it from another size."""
     return np.array([[0.58 * width, 0, 0.5 * width], [0, 1.92 * height, 0.5 * height], [0, 0, 1]])
 
 
 def scale_K(K: np.ndarray, src_size: tuple[int, int], dst_size: tuple[int, int]) -> np.ndarray:
-    """3x3 K of an image of src_size (w, h) -> K of the same image resized to dst_size (w, h)."""
+    """3x3 K of an image of src_size (w, h) -> K of the same image resized to dst_size (w, h).
+
+    Pixel centres on integers (geometry.py): a resize (align_corners=False, as torchvision and
+    cv2 resize) maps u -> (u + 0.5) s - 0.5, so focal lengths and skew scale by s, c by that map.
+    """
     K = np.array(K, dtype=np.float64).reshape(3, 3).copy()
-    K[0, :] *= dst_size[0] / src_size[0]
-    K[1, :] *= dst_size[1] / src_size[1]
+    for row, s in ((0, dst_size[0] / src_size[0]), (1, dst_size[1] / src_size[1])):
+        K[row, :2] *= s
+        K[row, 2] = (K[row, 2] + 0.5) * s - 0.5
     return K
 
 
@@ -93,20 +101,22 @@ def build_sample(
     draw: AugmentDraw,
     baseline_m: float | None = None,
     side_sign: float = -1.0,
+    K_size: tuple[int, int] | None = None,
 ) -> dict:
     """Assemble the training-sample dict of docs/interfaces.md.
 
     images: frame id (0, -1, 1, "s") -> H x W x 3 uint8 at the original size, all the same size.
     K: 3x3 intrinsics of the original images. baseline_m: stereo baseline for ("color", "s").
     side_sign: -1 when frame 0 is the left camera (partner to its right), +1 when right.
+    K_size: (w, h) whose pixels K is in, when not the images' size (normalised_kitti_K).
     """
     sizes = {fid: im.shape[:2] for fid, im in images.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"frames of one sample differ in size: {sizes}")
     h0, w0 = next(iter(sizes.values()))
-    K_net = scale_K(K, (w0, h0), (width, height))
+    K_net = scale_K(K, K_size or (w0, h0), (width, height))
     if draw.flip:
-        K_net[0, 2] = width - K_net[0, 2]
+        K_net[0, 2] = width - 1 - K_net[0, 2]  # column u -> W - 1 - u
     sample: dict = {}
     for fid, rgb in images.items():
         color = to_tensor_resized(rgb, height, width)

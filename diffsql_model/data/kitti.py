@@ -197,18 +197,19 @@ class KittiRawDataset(torch.utils.data.Dataset):
         date = folder.split("/")[0]
         images = {fid: load_rgb(pathlib.Path(path)) for fid, (path, _) in self._needed(folder, frame, side).items()}
         h0, w0 = images[0].shape[:2]
-        baseline = None
+        baseline, K_size = None, None
         if self.use_calib:
             calib = self._calib(date, SIDE_TO_CAM[side])
             K = calib.K
             if "s" in images:
                 baseline = stereo_baseline(self.root / date)
         else:
-            K = normalised_kitti_K(w0, h0)
+            K_size = (self.width, self.height)  # the published K is defined at the network size
+            K = normalised_kitti_K(*K_size)
             baseline = KITTI_BASELINE_M
         draw = draw_augmentation(self.augment, self.is_train)
         sample = build_sample(images, K, self.height, self.width, draw, baseline,
-                              side_sign=-1.0 if side == "l" else 1.0)
+                              side_sign=-1.0 if side == "l" else 1.0, K_size=K_size)
         if self.load_depth:
             sample["depth_gt"] = self._depth(folder, frame, side, (w0, h0), draw.flip)
         sample["index"] = index
