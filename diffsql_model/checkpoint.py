@@ -77,9 +77,63 @@ def build_model(cfg):
     return DiffSQLDepth(cfg)
 
 
-def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu"):
+# "sd_weights" in a checkpoint: "external" = the frozen SD VAE/UNet/null-text are not stored and
+# come from the SD folder at load time; "included" (or absent, older files) = all in "model".
+SD_EXTERNAL, SD_INCLUDED = "external", "included"
+
+
+def external_sd_keys(model: torch.nn.Module) -> list[str]:
+    """state_dict keys of `model` that a checkpoint can leave out: the frozen SD weights (VAE,
+    UNet, null-text buffer) when they were loaded from a folder that can load them again.
+    Trainable SD, or SD built from its config without a folder: nothing (else unrestorable)."""
+    sd = getattr(model, "sd", None)
+    if sd is None or not sd.frozen or not sd.cfg.pretrained_path:
+        return []
+    # Everything under sd. except the trainable fusion convs.
+    return [f"sd.{k}" for k in sd.state_dict() if not k.startswith("fusion.")]
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Checkpoint entries for `model`'s weights: {"model": state_dict without the external SD
+    keys, "sd_weights": ..., "sd_omitted_keys": [...]} (merge into the checkpoint dict)."""
+    omitted = external_sd_keys(model)
+    skip = set(omitted)
+    weights = {k: v for k, v in model.state_dict().items() if k not in skip}
+    return {"model": weights, "sd_weights": SD_EXTERNAL if omitted else SD_INCLUDED,
+            "sd_omitted_keys": omitted}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
+    """Load a checkpoint's "model" into `model` strictly. With external SD weights the model must
+    already hold SD from its folder: its SD keys must be exactly the recorded ones, and every
+    other key must match (no missing, no unexpected, no shape mismatch)."""
+    if state.get("sd_weights", SD_INCLUDED) != SD_EXTERNAL:
+        load_state_strict(model, state["model"], "model", path)
+        return
+    recorded, have = list(state.get("sd_omitted_keys", [])), external_sd_keys(model)
+    if sorted(recorded) != sorted(have):
+        diff = sorted(set(recorded) ^ set(have))[:5]
+        raise CheckpointError(f"{path}: the SD folder's weights do not match the SD the checkpoint was "
+                              f"trained with ({len(recorded)} keys recorded, {len(have)} in the folder's "
+                              f"model; differing e.g. {diff})")
+    if set(recorded) & set(state["model"]):
+        raise CheckpointError(f"{path}: marked sd_weights=external but stores SD weights too")
+    try:
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:  # shape mismatches are raised even when strict=False
+        first = str(e).splitlines()[:6]
+        raise CheckpointError(f"{path}: model weights do not fit the model: " + " ".join(first)) from None
+    missing = sorted(set(missing) - set(recorded))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: model weights do not fit the model: missing {missing[:8]}, "
+                              f"unexpected {sorted(unexpected)[:8]}")
+
+
+def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_path=None):
     """Rebuild the DepthNet from a checkpoint's stored `model_config`, load its weights strictly;
-    returns (model in eval mode on `device`, ModelConfig). Every failure is a CheckpointError."""
+    returns (model in eval mode on `device`, ModelConfig). A checkpoint whose frozen SD weights are
+    external loads them from `sd_path`, else from the stored `sd.pretrained_path` (the returned
+    config names the folder used). Every failure is a CheckpointError."""
     import dataclasses
 
     from .config import ModelConfig
@@ -95,8 +149,21 @@ def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu"):
     # The stored weights replace the initial ones: never fetch ImageNet weights, and when the SD
     # weights are stored too, build SD from its architecture instead of reading its folder.
     build_cfg = dataclasses.replace(cfg, weights="none")
-    if cfg.sd.enabled and any(k.startswith("sd.unet.") for k in state["model"]):
+    if state.get("sd_weights") == SD_EXTERNAL:
+        folder = sd_path or cfg.sd.pretrained_path
+        if not folder or not pathlib.Path(folder).expanduser().is_dir():
+            raise CheckpointError(
+                f"{path}: this checkpoint does not store the frozen Stable Diffusion weights; they load "
+                f"from the SD folder {str(folder)!r}, which does not exist here. Pass the local SD "
+                f"folder (diffusers layout: vae/, unet/, text_encoder/, tokenizer/) with sd_path "
+                f"(diffsql-eval/diffsql-bag-eval --sd-path, depth node parameter sd_path)")
+        cfg = dataclasses.replace(cfg, sd=dataclasses.replace(cfg.sd, pretrained_path=str(folder)))
+        build_cfg = dataclasses.replace(build_cfg, sd=cfg.sd)
+    elif cfg.sd.enabled and any(k.startswith("sd.unet.") for k in state["model"]):
         build_cfg = dataclasses.replace(build_cfg, sd=dataclasses.replace(cfg.sd, pretrained_path=None))
-    model = build_model(build_cfg)
-    load_state_strict(model, state["model"], "model", path)
+    try:
+        model = build_model(build_cfg)
+    except FileNotFoundError as e:  # SDFolderError: folder there but not a readable SD model
+        raise CheckpointError(f"{path}: could not load the SD weights: {e}") from None
+    load_model_state(model, state, path)
     return model.to(device).eval(), cfg

@@ -151,7 +151,10 @@ def run(args) -> dict:
     log_path = (args.report / "depth_node.log") if args.report else None
     if log_path:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-    node_proc = NodeProcess(ns, args.checkpoint, args.params_file, compressed, args.node_param, log_path)
+    node_params = list(args.node_param)
+    if getattr(args, "sd_path", None):
+        node_params.append(f"sd_path:={args.sd_path}")
+    node_proc = NodeProcess(ns, args.checkpoint, args.params_file, compressed, node_params, log_path)
     context = rclpy.Context()
     rclpy.init(context=context)
     executor = MultiThreadedExecutor(num_threads=2, context=context)
@@ -335,6 +338,8 @@ def parse_args(argv=None):
     ap.add_argument("--scaling", choices=("median", "fixed"), default="median")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--params-file", type=pathlib.Path, default=default_params_file())
+    ap.add_argument("--sd-path", type=pathlib.Path,
+                    help="local SD folder, for checkpoints without the frozen SD weights (default: as trained)")
     ap.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
                     help="extra depth node parameter (repeatable)")
     ap.add_argument("--json", type=pathlib.Path)

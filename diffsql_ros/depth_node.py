@@ -78,7 +78,7 @@ class DepthNode(Node):
         if not s["checkpoint"]:
             raise CheckpointError("parameter 'checkpoint' is empty: pass the path of a DiffSQL checkpoint")
         device = resolve_device(s["device"])
-        model, cfg = load_model(s["checkpoint"], device)
+        model, cfg = load_model(s["checkpoint"], device, sd_path=s["sd_path"] or None)
         size = (s["input_height"], s["input_width"]) if s["input_height"] and s["input_width"] else None
         self.estimator = DepthEstimator(model, cfg, str(device), s["precision"], size)
         self.get_logger().info(

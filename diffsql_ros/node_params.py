@@ -27,6 +27,8 @@ class Param:
 
 PARAMETERS = (
     Param("checkpoint", "", "DiffSQL checkpoint (.pt from diffsql-train) to load", read_only=True),
+    Param("sd_path", "", "local Stable Diffusion folder for checkpoints that leave out the frozen SD "
+          "weights; empty = the folder the checkpoint was trained with", read_only=True),
     Param("device", "auto", "auto (cuda when available), cuda or cpu", DEVICES, read_only=True),
     Param("precision", "fp32", "fp32, fp16 (CUDA only) or bf16 autocast", tuple(PRECISIONS), read_only=True),
     Param("input_height", 0, "network input height, multiple of 32; 0 = the checkpoint's", range=(0, 2048, 32),

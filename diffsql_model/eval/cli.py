@@ -62,7 +62,7 @@ class ModelPredictions:
     """Lazy, batched predictions of a checkpoint: `[i]` runs the batch holding frame i once.
     Images are resized (bilinear, antialiased) to the network size cfg.height x cfg.width."""
 
-    def __init__(self, frames, checkpoint, device: str, batch_size: int):
+    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None):
         import torch
 
         from diffsql_model.checkpoint import load_model
@@ -72,7 +72,7 @@ class ModelPredictions:
         self.to_tensor = to_tensor_resized
         self.torch, self.frames, self.batch_size = torch, frames, max(1, batch_size)
         self.device = resolve_device(device)
-        self.model, self.cfg = load_model(checkpoint, self.device)
+        self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)
         self._start, self._cache = None, {}
 
     def __len__(self):
@@ -143,6 +143,8 @@ def parse_args(argv=None):
     ap.add_argument("--lidar-topic", help="bag: PointCloud2 topic (default: the only one)")
     ap.add_argument("--lidar-tolerance", type=float, default=0.05, help="bag: max image-scan stamp gap, s")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--sd-path", type=pathlib.Path,
+                    help="local SD folder, for checkpoints without the frozen SD weights (default: as trained)")
     ap.add_argument("--batch-size", type=int, default=8)
     return ap.parse_args(argv)
 
@@ -159,7 +161,7 @@ def evaluate(args) -> dict:
                              f"{len(frames)} frames: one map per split-file line, in order")
         details["predictions"] = str(args.predictions)
     else:
-        preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size)
+        preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size, getattr(args, "sd_path", None))
         details["checkpoint"] = str(args.checkpoint)
     return P.run_evaluation(frames, preds, cfg, **details)
 
@@ -174,7 +176,7 @@ def _evaluate_bag(args, cfg) -> dict:
     if args.predictions:
         preds, size = load_predictions(args.predictions), (192, 640)
     else:
-        preds = _BagModel(args.checkpoint, args.device)
+        preds = _BagModel(args.checkpoint, args.device, getattr(args, "sd_path", None))
         size = (preds.cfg.height, preds.cfg.width)
     ds = bags.BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
                          lidar_topic=lidar_topic, is_train=False, lidar_tolerance_s=args.lidar_tolerance)
@@ -198,14 +200,14 @@ def _evaluate_bag(args, cfg) -> dict:
 class _BagModel:
     """predict(image 3 x h x w in [0, 1] at the network size) -> h x w depth."""
 
-    def __init__(self, checkpoint, device: str):
+    def __init__(self, checkpoint, device: str, sd_path=None):
         import torch
 
         from diffsql_model.checkpoint import load_model
         from diffsql_model.inference import resolve_device
 
         self.torch, self.device = torch, resolve_device(device)
-        self.model, self.cfg = load_model(checkpoint, self.device)
+        self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)
 
     def __call__(self, image) -> np.ndarray:
         with self.torch.inference_mode():

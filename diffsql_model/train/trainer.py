@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, build_model, load_checkpoint, load_state_strict, save_checkpoint
+from ..checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state, load_state_strict,
+                          model_state, save_checkpoint)
 from ..losses import SelfSupervisedLoss
 from ..pose_net import PoseNet, transformation_from_parameters
 from .config import TrainConfig, resolve_model_config
@@ -96,7 +97,7 @@ class Trainer:
     def _state(self) -> dict:
         state = {
             "model_config": self.model_cfg.to_dict(),
-            "model": self.model.state_dict(),
+            **model_state(self.model),  # frozen SD from a folder is left out (reloaded from it)
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -119,7 +120,7 @@ class Trainer:
         path = self.out / "last.pt"
         state = load_checkpoint(path, map_location="cpu")
         check_resumable(state, path, self.model_cfg.to_dict(), self.frame_ids)
-        load_state_strict(self.model, state["model"], "model", path)
+        load_model_state(self.model, state, path)
         if self.pose_net is not None:
             load_state_strict(self.pose_net, state["pose_net"], "pose_net", path)
         try:
