@@ -17,10 +17,20 @@ class CameraInfoError(ValueError):
     """camera_info that does not describe the image it is paired with."""
 
 
+def calibrated_K(info: CameraInfo) -> np.ndarray:
+    """3x3 intrinsics of the rectified image: P's left 3x3, or K where P is unset (all zero).
+    As image_geometry / depth_image_proc (and the bag ground truth, bag_reader.camera_matrix)."""
+    P = np.array(info.p, dtype=np.float64).reshape(3, 4)
+    if P[0, 0] > 0:
+        return P[:, :3].copy()
+    return np.array(info.k, dtype=np.float64).reshape(3, 3)
+
+
 def intrinsics_for_image(info: CameraInfo, width: int, height: int) -> np.ndarray:
-    """3x3 K in pixels of a width x height image, honouring binning, ROI and a uniform resize
-    of the calibrated image (e.g. an image_proc resize upstream that kept the old camera_info)."""
-    K = np.array(info.k, dtype=np.float64).reshape(3, 3)
+    """3x3 K (`calibrated_K`) in pixels of a width x height image, honouring binning, ROI and a
+    uniform resize of the calibrated image (e.g. an image_proc resize upstream that kept the old
+    camera_info)."""
+    K = calibrated_K(info)
     if not (K[0, 0] > 0 and K[1, 1] > 0):
         raise CameraInfoError(f"camera_info has no intrinsics (fx={K[0, 0]}, fy={K[1, 1]})")
     bx, by = max(int(info.binning_x), 1), max(int(info.binning_y), 1)
@@ -60,7 +70,7 @@ def camera_info_for_image(info: CameraInfo, K: np.ndarray, width: int, height: i
     out.r = list(info.r) if any(info.r) else [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     out.k = [float(v) for v in K.ravel()]
     P = np.array(info.p, dtype=np.float64).reshape(3, 4)
-    K_in = np.array(info.k, dtype=np.float64).reshape(3, 3)
+    K_in = calibrated_K(info)
     # Keep the projection's translation (stereo baseline term) in the new pixel units.
     tx = P[:, 3] * (K[0, 0] / K_in[0, 0]) if K_in[0, 0] > 0 else P[:, 3]
     out.p = [float(v) for v in np.hstack([K, tx[:, None]]).ravel()]

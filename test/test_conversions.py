@@ -204,6 +204,14 @@ def test_intrinsics_follow_resize_binning_and_roi():
         intrinsics_for_image(CameraInfo(width=640, height=480, k=list(K.ravel())), 1242, 375)
     with pytest.raises(CameraInfoError):
         intrinsics_for_image(CameraInfo(width=1242, height=375), 1242, 375)  # uncalibrated: K = 0
+    # a rectified image: P's left 3x3 is its camera (K is the raw camera's), as image_geometry reads it
+    K_raw = K.copy()
+    K_raw[0, 2] += 7.0
+    P = np.hstack([K, [[-387.57], [0.0], [0.0]]])
+    rect = CameraInfo(width=1242, height=375, k=list(K_raw.ravel()), p=list(P.ravel()))
+    np.testing.assert_allclose(intrinsics_for_image(rect, 1242, 375), K)
+    out = camera_info_for_image(rect, half, 621, 187, Header(frame_id="cam"))
+    np.testing.assert_allclose(np.array(out.p).reshape(3, 4)[:, 3], [-387.57 / 2, 0, 0])
     out = camera_info_for_image(info, half, 621, 187, Header(frame_id="cam"))
     assert (out.width, out.height, out.header.frame_id) == (621, 187, "cam")
     np.testing.assert_allclose(np.array(out.p).reshape(3, 4)[:, :3], half)
