@@ -1,4 +1,6 @@
 """ImageFolderDataset on a real KITTI image folder (drive 0023, frames 0-6)."""
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,7 @@ def test_fx_fy_cx_cy_and_longer_window(kitti_raw):
     ds = ImageFolderDataset(folder, None, 96, 320, (0, -2, -1, 1, 2), fx=700.0, fy=690.0, cx=620.0, cy=180.0,
                             is_train=False)
     assert len(ds) == 3 and ds[0]["index"] == 2
+    assert [pathlib.Path(f).name for f in ds.skipped] == [f"{i:010d}.png" for i in (0, 1, 5, 6)]
     K = ds[0]["K"].double().numpy()
     assert np.allclose(K[:3, :3], [[700 * 320 / 1242, 0, 620.5 * 320 / 1242 - 0.5],
                                    [0, 690 * 96 / 375, 180.5 * 96 / 375 - 0.5], [0, 0, 1]])

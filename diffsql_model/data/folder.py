@@ -50,7 +50,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {self.folder}")
         lo, hi = min(self.frame_ids + [0]), max(self.frame_ids + [0])
         self.centres = list(range(-lo, len(self.files) - hi))
-        self.skipped = [str(self.files[i]) for i in range(len(self.files)) if i not in set(self.centres)]
+        # the first -lo and the last hi files lack a neighbour
+        self.skipped = [str(f) for f in self.files[:-lo] + self.files[len(self.files) - hi:]]
         if not self.centres:
             raise ValueError(f"{self.folder}: {len(self.files)} images are too few for frame ids {self.frame_ids}")
         self.height, self.width = height, width
