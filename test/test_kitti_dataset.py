@@ -47,6 +47,25 @@ def test_shapes_and_K_from_real_calibration(kitti_raw):
     assert torch.equal(ds[0][("color", 1)], ds[1][("color", 0)])
 
 
+def test_calibration_is_read_once_per_date(kitti_raw, monkeypatch):
+    from diffsql_model.data import calib as calib_mod
+    from diffsql_model.data import kitti as kitti_mod
+
+    reads = []
+    real = calib_mod.load_kitti_calib
+
+    def counted(date_dir, cam):
+        reads.append(cam)
+        return real(date_dir, cam)
+
+    monkeypatch.setattr(calib_mod, "load_kitti_calib", counted)  # used by stereo_baseline
+    monkeypatch.setattr(kitti_mod, "load_kitti_calib", counted)
+    ds = make(kitti_raw, stereo=True)
+    baselines = [ds[i]["stereo_T"][0, 3].item() for i in range(4)]
+    assert baselines == pytest.approx([-0.53272] * 4, abs=2e-5)
+    assert sorted(reads) == [2, 2, 3]  # K of image_02 once, the baseline's two cameras once
+
+
 def test_stamp_from_timestamps_file(kitti_raw):
     s = make(kitti_raw)[0]  # frame 1: "2011-09-26 13:02:26.064785152"
     t = datetime.datetime(2011, 9, 26, 13, 2, 26, tzinfo=datetime.timezone.utc).timestamp()

@@ -119,6 +119,7 @@ class KittiRawDataset(torch.utils.data.Dataset):
         self.depth_definition = depth_definition
         self.augment = augment or AugmentConfig()
         self._calib_cache: dict = {}
+        self._baseline_cache: dict = {}
         self._stamp_cache: dict = {}
         self._listings: dict = {}
         self._root_str = str(self.root)
@@ -188,6 +189,12 @@ class KittiRawDataset(torch.utils.data.Dataset):
             self._calib_cache[key] = load_kitti_calib(self.root / date, cam)
         return self._calib_cache[key]
 
+    def _baseline(self, date: str) -> float:
+        """Stereo baseline of a date, read once (it parses both cameras' calibration)."""
+        if date not in self._baseline_cache:
+            self._baseline_cache[date] = stereo_baseline(self.root / date)
+        return self._baseline_cache[date]
+
     # -- samples -------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.lines)
@@ -202,7 +209,7 @@ class KittiRawDataset(torch.utils.data.Dataset):
             calib = self._calib(date, SIDE_TO_CAM[side])
             K = calib.K
             if "s" in images:
-                baseline = stereo_baseline(self.root / date)
+                baseline = self._baseline(date)
         else:
             K_size = (self.width, self.height)  # the published K is defined at the network size
             K = normalised_kitti_K(*K_size)
