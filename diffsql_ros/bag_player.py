@@ -17,8 +17,8 @@ import numpy as np
 
 from diffsql_model.data.bag_reader import (  # not bags.py: that imports torch
     CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, camera_matrix, decode_pointcloud, info_topic_for,
-    iter_messages, lidar_depth_map, lookup_transform, open_bag, pick_topic, read_static_transforms,
-    stamp_ns,
+    iter_messages, lidar_depth_map, lookup_transform, open_bag, pick_topic, read_message_at,
+    read_static_transforms, stamp_ns,
 )
 from diffsql_model.data.pairing import nearest_by_stamp
 
@@ -68,16 +68,12 @@ def index_camera(reader, topics: BagTopics) -> list[CameraFrame]:
     infos_by_stamp: dict[int, object] = {}
     latest_info = None
     images = []
-    try:
-        for conn, log_ns, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, conn.msgtype)
-            if conn.topic == topics.camera_info:
-                latest_info = msg
-                infos_by_stamp[stamp_ns(msg.header)] = msg
-            else:
-                images.append((log_ns, stamp_ns(msg.header), msg.header.frame_id, latest_info))
-    except Exception as e:
-        raise BagError(f"bag is truncated or corrupt while reading {topics.image}: {e}") from None
+    for conn, log_ns, msg in iter_messages(reader, conns, reader.paths[0]):
+        if conn.topic == topics.camera_info:
+            latest_info = msg
+            infos_by_stamp[stamp_ns(msg.header)] = msg
+        else:
+            images.append((log_ns, stamp_ns(msg.header), msg.header.frame_id, latest_info))
     frames = []
     for i, (log_ns, st, frame_id, latest) in enumerate(images):
         info = infos_by_stamp.get(st, latest)
@@ -93,15 +89,11 @@ def stream_images(path, topics: BagTopics, frames: list[CameraFrame]) -> Iterato
     """The indexed frames again, in recording order, now with their image messages."""
     with open_bag(path) as reader:
         conns = [c for c in reader.connections if c.topic == topics.image]
-        it = reader.messages(connections=conns)
+        it = iter_messages(reader, conns, path)
         for frame in frames:
-            try:
-                conn, _, raw = next(it)
-                msg = reader.deserialize(raw, conn.msgtype)
-            except StopIteration:
-                raise BagError(f"{path}: image {frame.index} vanished on re-read") from None
-            except Exception as e:
-                raise BagError(f"{path}: damaged at image {frame.index}: {e}") from None
+            _, _, msg = next(it, (None, None, None))
+            if msg is None:
+                raise BagError(f"{path}: image {frame.index} vanished on re-read")
             if stamp_ns(msg.header) != frame.stamp_ns:
                 raise BagError(f"{path}: image {frame.index} changed between reads")
             yield dataclasses.replace(frame, image=msg)
@@ -272,21 +264,11 @@ class GroundTruth:
         if self._reader is None:
             self._reader_ctx = open_bag(self.path)
             self._reader = self._reader_ctx.__enter__()
-        conns = [c for c in self._reader.connections if c.topic == self.topic]
-        t = self.log_times[i]
-        try:
-            for conn, _, raw in self._reader.messages(connections=conns, start=t, stop=t + 1):
-                msg = self._reader.deserialize(raw, conn.msgtype)
-                if stamp_ns(msg.header) == self.stamps[i]:
-                    if len(self._cache) >= 2:
-                        self._cache.pop(next(iter(self._cache)))
-                    self._cache[i] = decode_pointcloud(msg)
-                    return self._cache[i]
-        except BagError:
-            raise
-        except Exception as e:
-            raise BagError(f"{self.path}: LiDAR scan {i} unreadable: {e}") from None
-        raise BagError(f"{self.path}: LiDAR scan {i} (stamp {self.stamps[i]}) vanished on re-read")
+        _, msg = read_message_at(self._reader, self.topic, self.log_times[i], self.stamps[i], self.path)
+        if len(self._cache) >= 2:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[i] = decode_pointcloud(msg)
+        return self._cache[i]
 
     def depth_map(self, stamp: int):
         """(H x W metres, 0 = no return) for the image of `stamp`, or (None, why not)."""

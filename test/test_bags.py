@@ -12,8 +12,8 @@ from PIL import Image
 from diffsql_model.data.bag_writer import _Messages, get_bag_typestore
 from diffsql_model.data.bags import (
     BagDataset, BagError, BagFrame, BagWriteError, camera_matrix, decode_image, decode_pointcloud,
-    field, kitti_drive_to_bag, lookup_transform, open_bag, pick_topic, read_camera_stream, read_lidar,
-    read_static_transforms, write_bag,
+    field, iter_messages, kitti_drive_to_bag, lookup_transform, open_bag, pick_topic, read_camera_stream,
+    read_lidar, read_message_at, read_static_transforms, stamp_ns, write_bag,
 )
 from diffsql_model.data.calib import load_kitti_calib
 from diffsql_model.data.kitti import KittiRawDataset
@@ -121,6 +121,18 @@ def test_pick_topic_preferred_and_optional(bags):
             pick_topic(reader, None, ("sensor_msgs/msg/Imu",), "IMU", "b")
         with pytest.raises(BagError, match="expected sensor_msgs/msg/PointCloud2"):
             pick_topic(reader, left, ("sensor_msgs/msg/PointCloud2",), "cloud", "b", required=False)
+
+
+def test_read_message_at_seeks_one_scan(bags, kitti_raw):
+    topic = TOPICS["mcap"][2]
+    with open_bag(bags["mcap"]) as reader:
+        conns = [c for c in reader.connections if c.topic == topic]
+        index = [(t, stamp_ns(m.header)) for _, t, m in iter_messages(reader, conns, "b")]
+        _, msg = read_message_at(reader, topic, *index[3], "b")
+        with pytest.raises(BagError, match="vanished on re-read"):
+            read_message_at(reader, topic, index[3][0], index[2][1], "b")  # another scan's stamp
+    bin3 = np.fromfile(kitti_raw / DATE / DRIVE / "velodyne_points/data/0000000003.bin", np.float32).reshape(-1, 4)
+    assert np.array_equal(decode_pointcloud(msg), bin3)
 
 
 def test_frames_without_scan_get_no_depth(kitti_raw, tmp_path):

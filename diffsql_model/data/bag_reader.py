@@ -83,9 +83,11 @@ def open_bag(path):
         reader.close()
 
 
-def iter_messages(reader, connections, path) -> Iterator[tuple[object, int, object]]:
-    """(connection, log time, deserialized message); damage mid-bag -> BagError after the good ones."""
-    it = reader.messages(connections=connections)
+def iter_messages(reader, connections, path, start: int | None = None,
+                  stop: int | None = None) -> Iterator[tuple[object, int, object]]:
+    """(connection, log time, deserialized message), log times in [start, stop) when given;
+    damage mid-bag -> BagError after the good ones."""
+    it = reader.messages(connections=connections, start=start, stop=stop)
     while True:
         try:
             conn, t, raw = next(it)
@@ -96,6 +98,16 @@ def iter_messages(reader, connections, path) -> Iterator[tuple[object, int, obje
             raise BagError(f"bag {path} is damaged after the messages read so far: "
                            f"{type(err).__name__}: {err}") from err
         yield conn, t, msg
+
+
+def read_message_at(reader, topic: str, log_ns: int, stamp: int, path) -> tuple[object, object]:
+    """(connection, message) of `topic` recorded at `log_ns` with header stamp `stamp`: a seek
+    by recording time, so one message of a long bag is read again without a scan."""
+    conns = [c for c in reader.connections if c.topic == topic]
+    for conn, _, msg in iter_messages(reader, conns, path, start=log_ns, stop=log_ns + 1):
+        if stamp_ns(msg.header) == stamp:
+            return conn, msg
+    raise BagError(f"{path}: the message of {topic} with stamp {stamp} vanished on re-read")
 
 
 def topics_of(reader) -> dict[str, str]:

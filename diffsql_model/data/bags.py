@@ -15,8 +15,8 @@ from diffsql_model.data.augment import AugmentConfig, build_sample, draw_augment
 from diffsql_model.data.bag_reader import (  # noqa: F401  (re-exported API)
     CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, CameraFrame, LidarScan, camera_matrix,
     decode_image, decode_pointcloud, field, info_topic_for, iter_messages, lidar_depth_map,
-    lookup_transform, open_bag, pick_topic, read_camera_stream, read_lidar, read_static_transforms,
-    stamp_ns,
+    lookup_transform, open_bag, pick_topic, read_camera_stream, read_lidar, read_message_at,
+    read_static_transforms, stamp_ns,
 )
 from diffsql_model.data.bag_writer import (  # noqa: F401
     FORMATS, KITTI2BAG_TOPICS, ROS2_TOPICS, BagFrame, BagWriteError, kitti_drive_to_bag, write_bag,
@@ -43,22 +43,7 @@ class _Stream:
 
     def fetch(self, reader, i: int, path):
         """(connection, message) of entry i, seeking by its log time."""
-        t = self.log_times[i]
-        conns = [c for c in reader.connections if c.topic == self.topic]  # of this reader, not the indexing one
-        for conn, _, msg in iter_messages_range(reader, conns, t, path):
-            if stamp_ns(msg.header) == self.stamps[i]:
-                return conn, msg
-        raise BagError(f"{path}: message {i} of {self.topic} (stamp {self.stamps[i]}) vanished on re-read")
-
-
-def iter_messages_range(reader, connections, t: int, path):
-    try:
-        for conn, _, raw in reader.messages(connections=connections, start=t, stop=t + 1):
-            yield conn, t, reader.deserialize(raw, conn.msgtype)
-    except BagError:
-        raise
-    except Exception as err:
-        raise BagError(f"bag {path} is damaged: {type(err).__name__}: {err}") from err
+        return read_message_at(reader, self.topic, self.log_times[i], self.stamps[i], path)
 
 
 class BagDataset(torch.utils.data.Dataset):
