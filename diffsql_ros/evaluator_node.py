@@ -17,7 +17,6 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, PointCloud2
 
-from diffsql_model.eval import metrics as M
 from diffsql_model.eval import protocols as P
 from diffsql_ros.conversions import image_to_array
 from diffsql_ros.pointcloud import read_points
@@ -44,12 +43,10 @@ class DepthEvaluator(Node):
         super().__init__(name, **node_kwargs)
         self.ns = namespace.rstrip("/")
         self.gt_for_stamp = gt_for_stamp
-        self.cfg = cfg
         self.samples: dict[int, Sample] = {}
         self.scoring = True  # False in the sample pass: frames replayed for pictures are not rescored
         self.received: dict[int, float] = {}  # stamp_ns -> monotonic receive time of its depth
-        self.per_frame: list[dict] = []
-        self.missing: list[dict] = []
+        self._acc = P.Accumulator(cfg)  # per-frame metrics and missing frames, as diffsql-eval
         self.errors: list[str] = []
         self._cond = threading.Condition()
         self._subs = []
@@ -128,12 +125,10 @@ class DepthEvaluator(Node):
         gt, reason = self.gt_for_stamp(stamp)
         key = f"{stamp / 1e9:.6f}"
         if gt is None:
-            self.missing.append({"frame": key, "reason": reason})
+            self._acc.missing.append({"frame": key, "reason": reason})
             return
-        # One frame through the shared protocol code: same resize, mask, scaling and clipping.
-        r = P.run_evaluation([P.Frame(key, lambda: gt)], [depth], self.cfg)
-        self.per_frame.extend(r["per_frame"])
-        self.missing.extend(r["missing"])
+        # The shared protocol code: same resize, mask, scaling and clipping as diffsql-eval.
+        self._acc.add(key, gt, depth)
 
     def _on_uncertainty(self, msg: Image) -> None:
         stamp = self._stamp(msg)
@@ -195,9 +190,5 @@ class DepthEvaluator(Node):
                 self._cond.wait(0.1)
 
     def result(self) -> dict:
-        metrics = M.mean_metrics(self.per_frame) if self.per_frame else None
-        ratios = [f["ratio"] for f in self.per_frame]
-        scaling = ({"mode": "median", **M.ratio_stats(ratios)} if self.cfg.scaling == "median" and ratios
-                   else {"mode": self.cfg.scaling, "scale": self.cfg.scale})
-        return {"metrics": metrics, "scaling": scaling, "per_frame": self.per_frame,
-                "missing": self.missing, "errors": self.errors}
+        r = self._acc.result()
+        return {k: r[k] for k in ("metrics", "scaling", "per_frame", "missing")} | {"errors": self.errors}

@@ -198,8 +198,9 @@ def make3d_frames(folder: str | pathlib.Path, names: Sequence[str] | None = None
     return frames
 
 
-class _Accumulator:
-    """Per-frame metrics, scale ratios and the list of frames that could not be evaluated."""
+class Accumulator:
+    """Per-frame metrics, scale ratios and the list of frames that could not be evaluated
+    (also what the bag evaluator node scores its frames with, one at a time)."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg, self.per_frame, self.ratios, self.missing = cfg, [], [], []
@@ -247,7 +248,7 @@ def run_evaluation(frames: Sequence[Frame], predictions: Sequence[np.ndarray], c
     """Evaluate `predictions[i]` against `frames[i]`; missing ground truth or images are listed."""
     if len(predictions) != len(frames):
         raise ValueError(f"{len(predictions)} predictions for {len(frames)} frames: they must match one to one")
-    acc = _Accumulator(cfg)
+    acc = Accumulator(cfg)
     acc.n_listed = len(frames)
     for i in progress(range(len(frames))):
         frame = frames[i]
@@ -272,7 +273,7 @@ def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[object]
     missing). predict_fn(image) -> depth map (any resolution, resized to the LiDAR map); the
     image is passed through untouched. gt_depth: the depth definition reported."""
     cfg = cfg or EvalConfig.for_protocol("bag")
-    acc = _Accumulator(cfg)
+    acc = Accumulator(cfg)
     for i, sample in enumerate(samples):
         image, depth = sample[0], sample[1]
         key = str(sample[2]) if len(sample) > 2 else f"sample {i}"
