@@ -148,11 +148,12 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
                    f"{TARGET_ABS_REL} with this checkpoint. ")
         if curve.get("estimate_s"):
             verdict += (f"Extrapolating the validation curve (power law over its later half), about "
-                        f"{curve['estimate_s'] / 60:.0f} min of training on this CPU (optim.time_budget_s in "
+                        f"{curve['estimate_s'] / 60:.0f} min of training on this CPU (optim.max_steps in "
                         f"config/train/synthetic_lite.yaml; now {curve['train_seconds']:.0f} s) would reach it; "
                         "a rough estimate.")
         else:
-            verdict += "A longer optim.time_budget_s in config/train/synthetic_lite.yaml trains further."
+            verdict += ("More optim.max_steps (and optim.time_budget_s, the safety cap) in "
+                        "config/train/synthetic_lite.yaml train further.")
     frames = []
     for name, r in (("synthetic", syn_r), ("kitti", kit_r)):
         for p in r.get("pictures", []):
