@@ -143,6 +143,9 @@ def _publisher_main():
         elif cmd == "mismatched_info":  # mismatched_info <sec>: 4:3 camera_info for a 3.3:1 image
             stamp = Time(sec=int(args[0]))
             pub_info.publish(_camera_info(calib, stamp, width=640, height=480))
+            # Two topics have no mutual order in DDS: let the camera_info land first, else the node
+            # rightly falls back to the previous (fitting) camera_info and there is nothing to log.
+            time.sleep(0.5)
             pub_img.publish(_image(frames[0], stamp))
             print("ok", flush=True)
     node.destroy_node()
