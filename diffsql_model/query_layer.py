@@ -54,6 +54,11 @@ class DynamicSelfQueryLayer(nn.Module):
         if query_mode == "dynamic":
             self.f_adjust = nn.Linear(c, c)  # Eq. 2: a 1x1 conv on a B x C vector is a linear map
         self.query_proj = nn.Linear(c, model_dim)  # Q_output (C) -> query space of S (E)
+        # LayerNorm on both sides of Eq. 7 (not in the paper): V starts O(1) per pixel and stays
+        # bounded; without it V ~ 0.02 at init and the bilinear Q.S grows slowly, then explodes
+        # and the plane softmax (Eq. 9) saturates into a constant depth at min or max.
+        self.norm_q = nn.LayerNorm(model_dim)
+        self.norm_s = nn.LayerNorm(model_dim)
         self.bins_mlp = nn.Sequential(nn.Linear(model_dim, mlp_hidden), nn.LeakyReLU(),
                                       nn.Linear(mlp_hidden, num_bins))
         self.to_planes = nn.Conv2d(num_queries, num_bins, 1)  # Eq. 9: V (K planes) -> D planes
@@ -90,7 +95,8 @@ class DynamicSelfQueryLayer(nn.Module):
         A = torch.einsum("bkc,blc->bkl", q_dyn, H) / math.sqrt(H.shape[-1])
         A = F.softmax(A, dim=-1)
         q_out = torch.einsum("bkl,blc->bkc", A, H)  # Eq. 6
-        Q = self.query_proj(q_out)  # B x K x E
+        Q = self.norm_q(self.query_proj(q_out))  # B x K x E
+        S = self.norm_s(S.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-pixel norm over E
         # Eq. 7 names Q_dynamic, which lives in token space (C); S has E channels, so the attended
         # Q_output of Eq. 6, projected to E, is what meets S here.
         # Eq. 7, self_cost_volume, scaled by 1/sqrt(E) like Eq. 4: unscaled |V| grows into the

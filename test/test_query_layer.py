@@ -19,8 +19,16 @@ def _layer(mode, token_channels=0, seed=0):
     return layer
 
 
+def _layer_norm(x, m):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (biased variance)."""
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + m.eps) * m.weight + m.bias
+
+
 def _reference(layer, S, H):
-    """Eqs. 1-11 written out from the paper (with the documented 1/sqrt(C) in Eq. 4, 1/sqrt(E) in Eq. 7)."""
+    """Eqs. 1-11 written out from the paper (with the documented 1/sqrt(C) in Eq. 4, 1/sqrt(E) in Eq. 7
+    and LayerNorm on Q and S before Eq. 7)."""
     lin = lambda x, m: x @ m.weight.T + m.bias  # noqa: E731
     g = H.sum(dim=1) / H.shape[1]  # Eq. 1
     q_dyn = layer.q_base[None].repeat(H.shape[0], 1, 1)  # Q_base, B x K x C
@@ -29,7 +37,8 @@ def _reference(layer, S, H):
     A = torch.einsum("bkc,blc->bkl", q_dyn, H) / math.sqrt(H.shape[-1])  # Eq. 4
     A = A.exp() / A.exp().sum(dim=-1, keepdim=True)  # Eq. 5
     q_out = torch.einsum("bkl,blc->bkc", A, H)  # Eq. 6
-    Q = lin(q_out, layer.query_proj)
+    Q = _layer_norm(lin(q_out, layer.query_proj), layer.norm_q)
+    S = _layer_norm(S.permute(0, 2, 3, 1), layer.norm_s).permute(0, 3, 1, 2)  # per pixel, over E
     V = torch.einsum("bke,behw->bkhw", Q, S) / math.sqrt(E)  # Eq. 7, with the documented 1/sqrt(E)
     B, _, h, w = V.shape
     Vf = V.reshape(B, K, h * w)
