@@ -75,6 +75,20 @@ def smoothness_loss(disp: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     return (grad_d_x * torch.exp(-grad_i_x)).mean() + (grad_d_y * torch.exp(-grad_i_y)).mean()
 
 
+def normalize_depth(depth: torch.Tensor) -> torch.Tensor:
+    """Depth divided by its per-image mean (B x 1 x H x W, mean 1), for monocular training.
+
+    Not in the paper; depth normalisation as in Wang et al., CVPR 2018 ("Learning Depth from
+    Monocular Videos using Direct Methods"). M training cannot observe scale, and the bounded
+    bins of Eq. 11 (0.1..80 m) start near 40 m, where PoseNet's small initial translations give
+    almost identity warps: measured on synthetic drives, the global depth then drifts to an end
+    of the range, the plane softmax saturates and depth stays constant. With the mean removed
+    the photometric term cannot move the global scale, and the initial PoseNet translations
+    (~0.01) are of the order t / depth needs.
+    """
+    return depth / depth.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
 @dataclasses.dataclass
 class LossConfig(YamlConfig):
     """Weights and switches of the self-supervised loss."""
@@ -85,8 +99,14 @@ class LossConfig(YamlConfig):
     automask_noise: bool = True  # Monodepth2 tie-break noise on the identity error
     min_reprojection: bool = True  # per-pixel min over sources; False: their mean
     scales: list[int] = dataclasses.field(default_factory=lambda: [0])
+    # "auto": on when no source is the stereo partner "s" (M training), off otherwise (MS,
+    # stereo: the known baseline fixes metric scale); "on" / "off" force it. See normalize_depth.
+    depth_normalization: str = "auto"
 
     def __post_init__(self):
+        if self.depth_normalization not in ("auto", "on", "off"):
+            raise ConfigError(f"loss.depth_normalization must be auto, on or off, "
+                              f"got {self.depth_normalization!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.smoothness < 0:
@@ -122,6 +142,8 @@ class SelfSupervisedLoss:
             raise ValueError("at least one source frame is needed")
         h, w = target.shape[-2:]
         ids = list(sources)
+        normalize = cfg.depth_normalization == "on" or (
+            cfg.depth_normalization == "auto" and "s" not in sources)
         identity = None
         if cfg.automask:
             identity = torch.cat([photometric_error(sources[i], target, cfg.alpha) for i in ids], 1)
@@ -134,6 +156,8 @@ class SelfSupervisedLoss:
                 raise ValueError(f"depth at scale {s} has non-finite or non-positive values")
             d_full = d if d.shape[-2:] == (h, w) else F.interpolate(
                 d, (h, w), mode="bilinear", align_corners=False)
+            if normalize:
+                d_full = normalize_depth(d_full)
             warped = {i: warp(sources[i], d_full, K, poses[i], inv_K=inv_K)[0] for i in ids}
             reproj = torch.cat([photometric_error(warped[i], target, cfg.alpha) for i in ids], 1)
             per_pixel = min_reprojection(reproj) if cfg.min_reprojection else reproj.mean(1, keepdim=True)

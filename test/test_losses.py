@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffsql_model.losses import (C1, C2, LossConfig, SelfSupervisedLoss, automask, min_reprojection,
-                                  photometric_error, smoothness_loss, ssim)
+                                  normalize_depth, photometric_error, smoothness_loss, ssim)
 from diffsql_model.yaml_config import ConfigError
 
 
@@ -115,3 +115,35 @@ def test_bad_inputs_and_config():
         LossConfig(alpha=1.5)
     cfg = LossConfig().with_overrides(["scales=[0, 1, 2, 3]", "smoothness=0.01"])
     assert cfg.scales == [0, 1, 2, 3] and cfg.smoothness == 0.01 and LossConfig().alpha == 0.85
+
+
+def test_depth_normalization_removes_global_scale_in_m_and_keeps_it_with_stereo():
+    torch.manual_seed(0)
+    K, inv_K = _scene(2)
+    tgt, src, right = torch.rand(3, 2, 3, 24, 32)
+    depth = 2.0 + 8.0 * torch.rand(2, 1, 24, 32)
+    n = normalize_depth(depth)
+    torch.testing.assert_close(n.mean(dim=(2, 3)), torch.ones(2, 1))
+    torch.testing.assert_close(n * depth.mean(dim=(2, 3), keepdim=True), depth)
+    motion = torch.eye(4).repeat(2, 1, 1)
+    motion[:, 2, 3] = -0.2  # forward: the warp depends on t / depth
+    stereo = torch.eye(4).repeat(2, 1, 1)
+    stereo[:, 0, 3] = -0.54
+
+    def loss(mode, d, sources):
+        fn = SelfSupervisedLoss(LossConfig(automask=False, depth_normalization=mode))
+        poses = {k: (stereo if k == "s" else motion) for k in sources}
+        return fn(tgt, sources, d, K, inv_K, poses)["photometric"].item()
+
+    m_sources = {1: src}
+    # M ("auto" = on): the global depth scale is invisible to the photometric term...
+    assert math.isclose(loss("auto", depth, m_sources), loss("auto", 7.0 * depth, m_sources), rel_tol=1e-6)
+    # ... and equals warping the mean-1 depth without normalisation.
+    assert math.isclose(loss("auto", depth, m_sources), loss("off", n, m_sources), rel_tol=1e-6)
+    assert not math.isclose(loss("off", depth, m_sources), loss("off", 7.0 * depth, m_sources), rel_tol=1e-3)
+    # With the stereo partner ("auto" = off) the known baseline keeps metric scale observable.
+    ms_sources = {1: src, "s": right}
+    assert not math.isclose(loss("auto", depth, ms_sources), loss("auto", 7.0 * depth, ms_sources), rel_tol=1e-3)
+    assert math.isclose(loss("on", depth, ms_sources), loss("on", 7.0 * depth, ms_sources), rel_tol=1e-6)
+    with pytest.raises(ConfigError, match="depth_normalization"):
+        LossConfig(depth_normalization="median")
