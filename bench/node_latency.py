@@ -1,5 +1,6 @@
 """End-to-end latency of the depth node: publish an image, time until `depth` (and `points`)
-arrive in this process, and the node's own per-stage medians from /diagnostics.
+arrive in this process (which subscribes to every output unless --outputs names fewer: the
+node skips outputs nobody listens to), and the node's own per-stage medians from /diagnostics.
 
   .venv/bin/python bench/node_latency.py [--frames 15] [--sizes 192x640 375x1242]
 
@@ -40,11 +41,12 @@ from diffsql_ros.conversions import array_to_image  # noqa: E402
 SHARED = pathlib.Path(os.environ.get("DIFFSQL_SHARED", ROOT.parent / "shared")).resolve()
 DATE_DIR = SHARED / "data/kitti/raw/2011_09_26"
 FRAME = DATE_DIR / "2011_09_26_drive_0001_sync/image_02/data/0000000000.png"
+OUTPUTS = ("depth", "depth/camera_info", "points", "depth/uncertainty", "depth/colored")
 STAGES = ("conversion", "preprocess", "model", "postprocess", "pointcloud", "publish")
 
 
 class Bench:
-    def __init__(self):
+    def __init__(self, outputs):
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
         self.node = rclpy.create_node("latency_bench", context=self.ctx)
@@ -54,7 +56,10 @@ class Bench:
         self.got = {}
         self.diag = {}
         self.cv = threading.Condition()
-        for topic, typ in (("depth", Image), ("points", PointCloud2)):
+        types = {"depth": Image, "points": PointCloud2, "depth/camera_info": CameraInfo,
+                 "depth/uncertainty": Image, "depth/colored": Image}
+        for topic in {"depth", "points", *outputs}:
+            typ = types[topic]
             self.node.create_subscription(typ, topic, lambda m, t=topic: self._rx(t, m), qos)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.ex = SingleThreadedExecutor(context=self.ctx)
@@ -101,7 +106,7 @@ def camera_info(size):
     return info
 
 
-def run_size(size, frames, ckpt, net, extra):
+def run_size(size, frames, ckpt, net, extra, outputs):
     rgb = cv2.imread(str(FRAME))[..., ::-1]
     rgb = np.ascontiguousarray(cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -111,7 +116,7 @@ def run_size(size, frames, ckpt, net, extra):
            "-p", f"input_height:={net[0]}", "-p", f"input_width:={net[1]}",
            "-p", "input_qos:=reliable", "-p", "diagnostics_period:=0.5"] + sum((["-p", e] for e in extra), [])
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    bench = Bench()
+    bench = Bench(outputs)
     try:
         info = camera_info(size)
         lat, sec = [], 1
@@ -146,6 +151,8 @@ def main():
     ap.add_argument("--frames", type=int, default=15)
     ap.add_argument("--sizes", nargs="+", default=["192x640", "375x1242"])
     ap.add_argument("--net", default="192x640", help="network input HxW (lite preset)")
+    ap.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS,
+                    help="topics this process subscribes to (depth and points always)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME:=VALUE", help="extra node parameters")
     args = ap.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -156,10 +163,13 @@ def main():
         cfg = get_preset("lite", height=net[0], width=net[1])
         ckpt = save_checkpoint(pathlib.Path(tmp) / "lite.pt",
                                {"model_config": cfg.to_dict(), "model": DiffSQLDepth(cfg).state_dict()})
-        rows = [(s, run_size(tuple(int(v) for v in s.split("x")), args.frames, ckpt, net, args.set))
+        rows = [(s, run_size(tuple(int(v) for v in s.split("x")), args.frames, ckpt, net, args.set,
+                             args.outputs))
                 for s in args.sizes]
     print(f"\ndepth node latency, lite preset, network {args.net}, {os.cpu_count()} CPUs, "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS')}, medians over {args.frames} frames (ms)")
+          f"torch threads {os.environ.get('OMP_NUM_THREADS')}, medians over {args.frames} frames (ms), "
+          f"load {os.getloadavg()[0]:.2f}, publication mode "
+          f"{os.environ.get('RMW_FASTRTPS_PUBLICATION_MODE', 'default')}, subscribed: {' '.join(args.outputs)}")
     head = ["input", "e2e depth", "e2e points"] + list(STAGES) + ["overhead"]
     print(" | ".join(f"{h:>10}" for h in head))
     for s, r in rows:

@@ -52,6 +52,9 @@ class DepthEstimator:
         self._resized = torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=pin)
         self._resized_np = self._resized.numpy()
         self._input = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
+        if self.device.type == "cpu":
+            self._input_np = self._input.numpy()
+            self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
         self.timing = {"preprocess_ms": 0.0, "model_ms": 0.0, "postprocess_ms": 0.0}
 
     def _sync(self):
@@ -71,26 +74,38 @@ class DepthEstimator:
             raise ValueError(f"image too small: {H}x{W}")
         h, w = self.net_size
         t0 = time.perf_counter()
-        if (H, W) == (h, w):
-            self._resized_np[...] = rgb
-        else:
+        resize = (H, W) != (h, w)
+        if resize:
             # INTER_AREA when shrinking avoids aliasing (what the training resize does in effect).
             interp = cv2.INTER_AREA if H >= h and W >= w else cv2.INTER_LINEAR
             cv2.resize(rgb, (w, h), dst=self._resized_np, interpolation=interp)
-        src = self._resized.to(self.device, non_blocking=True)  # h x w x 3 uint8
-        self._input.copy_(src.permute(2, 0, 1).unsqueeze(0)).mul_(1.0 / 255.0)
-        self._sync()
+        if self.device.type == "cpu":
+            # HWC uint8 -> CHW float * 1/255 as SIMD plane splits and one float32 multiply per
+            # plane (bit-identical to the torch permute-copy, ~2x faster than its strided copy).
+            cv2.split(self._resized_np if resize else rgb, self._planes)
+            for c in range(3):
+                np.multiply(self._planes[c], np.float32(1.0 / 255.0), out=self._input_np[0, c], casting="unsafe")
+        else:
+            if not resize:
+                self._resized_np[...] = rgb  # pinned staging buffer for the async copy
+            src = self._resized.to(self.device, non_blocking=True)  # h x w x 3 uint8
+            self._input.copy_(src.permute(2, 0, 1).unsqueeze(0)).mul_(1.0 / 255.0)
+            self._sync()
         t1 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self._autocast):
             out = self.model(self._input)
         # 2 x h x w: depth and uncertainty travel together, one copy and one resize.
         stacked = torch.cat([out["depth"][0], out["uncertainty"][0]], 0).float()
-        stacked = stacked.permute(1, 2, 0).contiguous().cpu().numpy()  # h x w x 2
+        if resize:
+            stacked = stacked.permute(1, 2, 0).contiguous()  # h x w x 2: one 2-channel resize
+        stacked = stacked.cpu().numpy()
         t2 = time.perf_counter()
-        if (H, W) != (h, w):
+        if resize:
             stacked = cv2.resize(stacked, (W, H), interpolation=cv2.INTER_LINEAR)
-        depth = np.ascontiguousarray(stacked[..., 0])
-        unc = np.ascontiguousarray(stacked[..., 1])
+            depth = np.ascontiguousarray(stacked[..., 0])  # faster than cv2.split for 2 channels
+            unc = np.ascontiguousarray(stacked[..., 1])
+        else:
+            depth, unc = stacked  # two contiguous h x w planes of a fresh array: no copy
         t3 = time.perf_counter()
         self.timing = {"preprocess_ms": (t1 - t0) * 1e3, "model_ms": (t2 - t1) * 1e3,
                        "postprocess_ms": (t3 - t2) * 1e3}

@@ -121,7 +121,7 @@ def array_to_image(arr: np.ndarray, encoding: str, header=None) -> Image:
     arr = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
     if arr.ndim != (2 if ch == 1 else 3) or (ch > 1 and arr.shape[2] != ch):
         raise ImageError(f"array of shape {arr.shape} does not fit encoding {encoding}")
-    msg = Image()
+    msg = Image(check_fields=True)  # keeps the array('B') below as is (default setter copies it)
     if header is not None:
         msg.header = header
     msg.height, msg.width = int(arr.shape[0]), int(arr.shape[1])
@@ -133,8 +133,8 @@ def array_to_image(arr: np.ndarray, encoding: str, header=None) -> Image:
 
 
 def to_uint8_array(arr: np.ndarray) -> array.array:
-    """Contiguous array -> array.array('B'): the type rclpy stores uint8[] fields in, so the
-    message setter keeps it as is (one memcpy; bytes would be copied twice)."""
+    """Contiguous array -> array.array('B'): the type rclpy stores uint8[] fields in, so a
+    message built with check_fields=True keeps it as is (one memcpy; bytes are copied twice)."""
     out = array.array("B")
     out.frombytes(memoryview(np.ascontiguousarray(arr)).cast("B"))
     return out
@@ -144,6 +144,8 @@ def to_uint8_array(arr: np.ndarray) -> array.array:
 _TURBO = np.ascontiguousarray(
     cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_TURBO)[:, 0, ::-1])[None]
 _TURBO[0, 0] = 0  # index 0 is reserved for invalid pixels: black
+# Per-channel tables: three 1-channel cv2.LUT + merge are SIMD, ~3x a 3-channel LUT.
+_TURBO_PLANES = [np.ascontiguousarray(_TURBO[0, :, c]) for c in range(3)]
 
 
 def colorize_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
@@ -154,6 +156,9 @@ def colorize_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.
     inv -= lo
     inv *= 254.0 / (hi - lo)
     inv += 1.0
-    np.fmax(inv, 0.0, out=inv)  # fmax drops NaN: invalid -> 0
+    if inv.dtype == np.float32:
+        cv2.patchNaNs(inv, 0.0)  # NaN -> 0 (finite values are >= 1 after the clip): 3x np.fmax
+    else:
+        np.fmax(inv, 0.0, out=inv)  # fmax drops NaN: invalid -> 0
     idx = inv.astype(np.uint8)
-    return cv2.LUT(cv2.cvtColor(idx, cv2.COLOR_GRAY2RGB), _TURBO)
+    return cv2.merge([cv2.LUT(idx, t) for t in _TURBO_PLANES])
