@@ -1,6 +1,6 @@
 """Old vs new per-frame operations of the depth node, timed interleaved on the same arrays.
 
-  .venv/bin/python bench/overhead_ops.py [--base HEAD~1] [--sizes 192x640 375x1242] [--reps 30]
+  .venv/bin/python bench/overhead_ops.py [--base REV] [--sizes 192x640 375x1242] [--reps 30]
 
 The old code is the `--base` git revision of the same modules (loaded from `git show`), so the
 comparison survives the machine being busy: each repetition times old then new back to back,
@@ -81,6 +81,10 @@ def cases(old, h, w):
     yield ("colorize_depth", lambda: old["conversions"].colorize_depth(depth, 0.1, 80.0),
            lambda: new_conversions.colorize_depth(depth, 0.1, 80.0), None)
 
+    unc = np.nan_to_num(depth) * 0.1
+    yield ("array_to_image 32FC1", lambda: old["conversions"].array_to_image(unc, "32FC1", hdr).data,
+           lambda: new_conversions.array_to_image(unc, "32FC1", hdr).data, None)
+
     def pre_post(est):
         out = est.predict(rgb)
         return out, est.timing
@@ -90,7 +94,8 @@ def cases(old, h, w):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="HEAD", help="git revision holding the old code")
+    # 23d4b36~1: the code before the overhead work (commit 23d4b36).
+    ap.add_argument("--base", default="23d4b36~1", help="git revision holding the old code")
     ap.add_argument("--sizes", nargs="+", default=["192x640", "375x1242"])
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
