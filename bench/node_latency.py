@@ -41,7 +41,8 @@ from diffsql_ros.conversions import array_to_image  # noqa: E402
 SHARED = pathlib.Path(os.environ.get("DIFFSQL_SHARED", ROOT.parent / "shared")).resolve()
 DATE_DIR = SHARED / "data/kitti/raw/2011_09_26"
 FRAME = DATE_DIR / "2011_09_26_drive_0001_sync/image_02/data/0000000000.png"
-OUTPUTS = ("depth", "depth/camera_info", "points", "depth/uncertainty", "depth/colored")
+OUTPUTS = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
+           "depth/uncertainty": Image, "depth/colored": Image}  # topic -> type
 STAGES = ("conversion", "preprocess", "model", "postprocess", "pointcloud", "publish")
 
 
@@ -56,11 +57,8 @@ class Bench:
         self.got = {}
         self.diag = {}
         self.cv = threading.Condition()
-        types = {"depth": Image, "points": PointCloud2, "depth/camera_info": CameraInfo,
-                 "depth/uncertainty": Image, "depth/colored": Image}
         for topic in {"depth", "points", *outputs}:
-            typ = types[topic]
-            self.node.create_subscription(typ, topic, lambda m, t=topic: self._rx(t, m), qos)
+            self.node.create_subscription(OUTPUTS[topic], topic, lambda m, t=topic: self._rx(t, m), qos)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.ex = SingleThreadedExecutor(context=self.ctx)
         self.ex.add_node(self.node)

@@ -140,25 +140,21 @@ def to_uint8_array(arr: np.ndarray) -> array.array:
     return out
 
 
-# Turbo colour map as a 256-entry RGB lookup table for cv2.LUT (OpenCV's maps are BGR).
-_TURBO = np.ascontiguousarray(
-    cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_TURBO)[:, 0, ::-1])[None]
-_TURBO[0, 0] = 0  # index 0 is reserved for invalid pixels: black
-# Per-channel tables: three 1-channel cv2.LUT + merge are SIMD, ~3x a 3-channel LUT.
-_TURBO_PLANES = [np.ascontiguousarray(_TURBO[0, :, c]) for c in range(3)]
+# Turbo colour map as three 256-entry lookup tables, R, G, B (OpenCV's maps are BGR); index 0 is
+# reserved for invalid pixels: black. Three 1-channel cv2.LUT + merge are SIMD, ~3x a 3-channel LUT.
+_TURBO_BGR = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_TURBO)[:, 0]
+_TURBO_BGR[0] = 0
+_TURBO_PLANES = [np.ascontiguousarray(_TURBO_BGR[:, c]) for c in (2, 1, 0)]
 
 
 def colorize_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
     """HxW metres -> HxWx3 uint8 RGB turbo map of inverse depth (near = warm); NaN -> black."""
     lo, hi = 1.0 / max_depth, 1.0 / min_depth
     # Inverse depth spreads the near range, where robots act; 1..255 valid, NaN -> 0 -> black.
-    inv = np.reciprocal(np.clip(depth, min_depth, max_depth))
+    inv = np.reciprocal(np.clip(depth, min_depth, max_depth), dtype=np.float32)
     inv -= lo
     inv *= 254.0 / (hi - lo)
     inv += 1.0
-    if inv.dtype == np.float32:
-        cv2.patchNaNs(inv, 0.0)  # NaN -> 0 (finite values are >= 1 after the clip): 3x np.fmax
-    else:
-        np.fmax(inv, 0.0, out=inv)  # fmax drops NaN: invalid -> 0
+    cv2.patchNaNs(inv, 0.0)  # NaN -> 0 (finite values are >= 1 after the clip): 3x np.fmax
     idx = inv.astype(np.uint8)
     return cv2.merge([cv2.LUT(idx, t) for t in _TURBO_PLANES])

@@ -161,7 +161,7 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
             frames.append(R.FrameRow(caption, [(lbl, f"replay_{name}/{src}") for lbl, src in p["images"]]))
     sections = [
         R.Section("Sample frames from the depth node", paragraphs=[
-            "Each row: the bag image the node received, its depth (bright = near), its uncertainty "
+            "Each row: the bag image the node received, its depth (warm = near), its uncertainty "
             "(standard deviation of the depth-bin distribution, metres), and the node's point cloud "
             "seen from above and behind the camera."], frames=frames),
         R.Section("Metrics", paragraphs=[

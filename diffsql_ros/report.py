@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from diffsql_ros.conversions import colorize_depth as colorize_depth_rgb
+
 METRIC_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 METRIC_LABELS = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE", "rmse_log": "RMSElog",
                  "a1": "δ<1.25", "a2": "δ<1.25²", "a3": "δ<1.25³", "log10": "log10"}
@@ -51,20 +53,18 @@ def _normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def colorize_depth(depth: np.ndarray, min_depth: Optional[float] = None,
                    max_depth: Optional[float] = None) -> np.ndarray:
-    """HxW metres -> HxWx3 BGR uint8, colour by inverse depth (near = bright), the usual way
-    depth maps are shown: linear depth would spend the palette on the far sky."""
+    """HxW metres -> HxWx3 BGR uint8: the node's `depth/colored` map (turbo of inverse depth, warm =
+    near, invalid black) over [min_depth, max_depth], by default the 1st..99th percentile."""
     depth = np.asarray(depth, dtype=np.float32)
     valid = np.isfinite(depth) & (depth > 0)
     if not valid.any():
         return np.zeros(depth.shape + (3,), np.uint8)
     lo = float(min_depth) if min_depth is not None else float(np.percentile(depth[valid], 1))
     hi = float(max_depth) if max_depth is not None else float(np.percentile(depth[valid], 99))
-    inv = np.zeros_like(depth)
-    inv[valid] = 1.0 / np.maximum(depth[valid], 1e-6)
-    t = _normalise(inv, 1.0 / max(hi, 1e-6), 1.0 / max(lo, 1e-6))
-    out = cv2.applyColorMap((t * 255).astype(np.uint8), cv2.COLORMAP_MAGMA)
-    out[~valid] = 0
-    return out
+    lo = max(lo, 1e-3)
+    hi = max(hi, lo * 1.001)  # a flat map still needs a range
+    rgb = colorize_depth_rgb(np.where(valid, depth, np.float32(np.nan)), lo, hi)
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def colorize_uncertainty(unc: np.ndarray, max_value: Optional[float] = None) -> np.ndarray:
@@ -154,7 +154,7 @@ def frame_pictures(out_dir: pathlib.Path, stem: str, image_rgb: np.ndarray, dept
     valid = np.isfinite(depth) & (depth > 0)
     lo, hi = (np.percentile(depth[valid], [1, 99]) if valid.any() else (0.0, 0.0))
     pics = [("input", image_rgb[..., ::-1].copy()),
-            ("depth", label(colorize_depth(depth, lo, hi), f"depth {lo:.1f}-{hi:.1f} m (bright = near)"))]
+            ("depth", label(colorize_depth(depth, lo, hi), f"depth {lo:.1f}-{hi:.1f} m (warm = near)"))]
     if uncertainty is not None:
         fin = np.isfinite(uncertainty)
         ulo, uhi = (np.percentile(uncertainty[fin], [1, 99]) if fin.any() else (0.0, 0.0))

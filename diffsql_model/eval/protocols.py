@@ -22,6 +22,7 @@ import numpy as np
 from diffsql_model.data import ground_truth as gtlib
 from diffsql_model.data import make3d as m3d
 from diffsql_model.data.calib import load_kitti_calib
+from diffsql_model.data.kitti import parse_split_lines
 from diffsql_model.eval import metrics as M
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
@@ -88,18 +89,12 @@ class SplitLine:
 
 
 def read_split_file(path: str | pathlib.Path) -> list[SplitLine]:
-    """`<date>/<drive> <frame> <l|r>` lines (blank lines skipped); a bad line is an error."""
+    """`<date>/<drive> <frame> <l|r>` lines (blank lines skipped; the training loader's parser);
+    a bad line or an empty file is an error."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
-    lines = []
-    for n, text in enumerate(path.read_text().splitlines(), 1):
-        parts = text.split()
-        if not parts:
-            continue
-        if len(parts) != 3 or parts[2] not in ("l", "r") or not parts[1].isdigit() or "/" not in parts[0]:
-            raise ValueError(f"{path}:{n}: expected '<date>/<drive> <frame> <l|r>', got {text!r}")
-        lines.append(SplitLine(parts[0], int(parts[1]), parts[2]))
+    lines = [SplitLine(*line) for line in parse_split_lines(path.read_text().splitlines(), str(path))]
     if not lines:
         raise ValueError(f"split file {path} lists no frames")
     return lines
