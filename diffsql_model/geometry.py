@@ -78,10 +78,17 @@ def warp(src_image: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, T: torch
     the source camera and lands inside the source image. Outside, border padding repeats the edge.
     `inv_K` (optional) saves inverting K when the caller already has it.
     """
-    b, _, h, w = depth.shape
     K4 = _as_4x4(K).to(depth.dtype)
     points = backproject(depth, torch.linalg.inv(K4) if inv_K is None else inv_K)
-    grid, z = project(points, K4, T, h, w, return_depth=True)
+    return warp_points(src_image, points, K4, T)
+
+
+def warp_points(src_image: torch.Tensor, points: torch.Tensor, K: torch.Tensor, T: torch.Tensor):
+    """`warp` from already back-projected target points (B x 4 x (H W), `backproject`), so several
+    sources share one back-projection. Not kornia's warp_frame_depth: that pads with zeros and
+    returns no validity mask; the photometric loss wants border padding (Monodepth2)."""
+    b, _, h, w = src_image.shape
+    grid, z = project(points, K, T, h, w, return_depth=True)
     warped = F.grid_sample(src_image, grid.to(src_image.dtype), mode="bilinear",
                            padding_mode="border", align_corners=True)
     inside = (grid.abs() <= 1.0).all(dim=-1).unsqueeze(1)

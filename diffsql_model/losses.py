@@ -11,7 +11,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from .geometry import warp
+from .geometry import backproject, warp_points
 from .yaml_config import ConfigError, YamlConfig
 
 C1 = 0.01 ** 2
@@ -144,9 +144,11 @@ class SelfSupervisedLoss:
         ids = list(sources)
         normalize = cfg.depth_normalization == "on" or (
             cfg.depth_normalization == "auto" and "s" not in sources)
-        identity = None
+        identity = None  # B x 1: per-pixel min over sources of the unwarped error (same at every scale)
         if cfg.automask:
-            identity = torch.cat([photometric_error(sources[i], target, cfg.alpha) for i in ids], 1)
+            identity = min_reprojection(
+                torch.cat([photometric_error(sources[i], target, cfg.alpha) for i in ids], 1))
+        inv_K = torch.linalg.inv(K) if inv_K is None else inv_K
 
         total, photo_sum, smooth_sum, mask_frac = 0.0, 0.0, 0.0, 0.0
         warped_out: dict = {}
@@ -158,11 +160,13 @@ class SelfSupervisedLoss:
                 d, (h, w), mode="bilinear", align_corners=False)
             if normalize:
                 d_full = normalize_depth(d_full)
-            warped = {i: warp(sources[i], d_full, K, poses[i], inv_K=inv_K)[0] for i in ids}
+            points = backproject(d_full, inv_K)  # once per scale, shared by every source
+            warped = {i: warp_points(sources[i], points, K, poses[i])[0] for i in ids}
             reproj = torch.cat([photometric_error(warped[i], target, cfg.alpha) for i in ids], 1)
-            per_pixel = min_reprojection(reproj) if cfg.min_reprojection else reproj.mean(1, keepdim=True)
+            rep_min = min_reprojection(reproj)
+            per_pixel = rep_min if cfg.min_reprojection else reproj.mean(1, keepdim=True)
             if cfg.automask:
-                mu = automask(reproj, identity, noise=cfg.automask_noise)
+                mu = automask(rep_min, identity, noise=cfg.automask_noise)
                 photo = (mu * per_pixel).mean()
                 mask_frac = mask_frac + mu.mean().detach()
             else:
