@@ -18,9 +18,9 @@ import numpy as np
 from diffsql_model.data.bag_reader import (  # not bags.py: that imports torch
     CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, camera_matrix, decode_pointcloud, info_topic_for,
     iter_messages, lidar_depth_map, lookup_transform, open_bag, pick_topic, read_message_at,
-    read_static_transforms, stamp_ns,
+    read_static_transforms,
 )
-from diffsql_model.data.pairing import nearest_by_stamp
+from diffsql_model.data.pairing import nearest_by_stamp, stamp_ns
 
 # Preferred names when a bag holds several candidates: kitti2bag's left colour camera / LiDAR.
 PREFERRED = {

@@ -10,7 +10,6 @@ import collections
 import sys
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 import rclpy
@@ -22,7 +21,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from diffsql_model.checkpoint import CheckpointError, load_model
-from diffsql_model.data.pairing import StampPairer
+from diffsql_model.data.pairing import StampPairer, stamp_ns
 from diffsql_model.inference import DepthEstimator, resolve_device
 from diffsql_model.yaml_config import ConfigError
 from diffsql_ros.conversions import array_to_image, colorize_depth, compressed_to_rgb8, image_to_rgb8
@@ -64,10 +63,6 @@ class FrameSlot:
             self._cv.notify_all()
 
 
-def _stamp_ns(header) -> int:
-    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-
-
 class DepthNode(Node):
     def __init__(self, **kwargs):
         super().__init__("depth_node", **kwargs)
@@ -91,6 +86,7 @@ class DepthNode(Node):
         self.slot = FrameSlot()
         self._lock = threading.Lock()  # guards the statistics below
         self.received = self.processed = self.bad_frames = 0
+        self.last_scale = 1.0
         self.latencies = collections.deque(maxlen=100)
         self.stage_ms = {k: collections.deque(maxlen=100) for k in STAGES}
         self._last_diag = (time.monotonic(), 0, 0)
@@ -118,9 +114,7 @@ class DepthNode(Node):
     # -- parameters --------------------------------------------------------------------------
     @staticmethod
     def _scale_config(s) -> ScaleConfig:
-        return ScaleConfig(mode=s["scale.mode"], factor=s["scale.factor"], stereo_factor=s["scale.stereo_factor"],
-                           camera_height=s["scale.camera_height"], ground_fraction=s["scale.ground_fraction"],
-                           smoothing=s["scale.smoothing"])
+        return ScaleConfig.from_dict({k[len("scale."):]: v for k, v in s.items() if k.startswith("scale.")})
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         new = dict(self.settings)
@@ -145,10 +139,10 @@ class DepthNode(Node):
         self.slot.put((msg, time.perf_counter()))
 
     def _on_info(self, msg: CameraInfo):
-        stamp = _stamp_ns(msg.header)
+        stamp = stamp_ns(msg.header)
         with self._info_lock:
             latest = self.infos.latest()
-            if latest is not None and stamp < _stamp_ns(latest.header) - 1_000_000_000:
+            if latest is not None and stamp < stamp_ns(latest.header) - 1_000_000_000:
                 # Time jumped back (bag loop, sim restart): stale future stamps would win every match.
                 self.get_logger().warning("camera_info stamps jumped back: forgetting older camera_info",
                                           throttle_duration_sec=5.0)
@@ -185,7 +179,7 @@ class DepthNode(Node):
         H, W = depth.shape
         K = info = None
         with self._info_lock:
-            info_msg = self.infos.match(_stamp_ns(msg.header))
+            info_msg = self.infos.match(stamp_ns(msg.header))
         if info_msg is None:
             self.get_logger().warning("no camera_info received yet: publishing depth without points",
                                       throttle_duration_sec=5.0)
@@ -258,7 +252,7 @@ class DepthNode(Node):
                       "received frames": str(self.received), "processed frames": str(self.processed),
                       "dropped frames": str(self.slot.dropped), "bad frames": str(self.bad_frames),
                       "device": str(self.estimator.device), "precision": self.estimator.precision,
-                      "scale": f"{getattr(self, 'last_scale', 1.0):.4f}"}
+                      "scale": f"{self.last_scale:.4f}"}
         values.update({f"{k} (ms)": f"{v:.2f}" for k, v in stages.items()})
         status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: depth inference",
                                   hardware_id=values["device"],

@@ -17,6 +17,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, PointCloud2
 
+from diffsql_model.data.pairing import stamp_ns
 from diffsql_model.eval import protocols as P
 from diffsql_ros.conversions import image_to_array
 from diffsql_ros.pointcloud import read_points
@@ -97,13 +98,9 @@ class DepthEvaluator(Node):
         time.sleep(0.3)  # discovery is two-sided: give the node's publishers time to match us
 
     # -- callbacks ----------------------------------------------------------------------------
-    @staticmethod
-    def _stamp(msg) -> int:
-        return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
     def _on_depth(self, msg: Image) -> None:
         t = time.monotonic()
-        stamp = self._stamp(msg)
+        stamp = stamp_ns(msg.header)
         try:
             if msg.encoding != "32FC1":
                 raise ValueError(f"depth image has encoding {msg.encoding!r}, expected 32FC1")
@@ -131,14 +128,14 @@ class DepthEvaluator(Node):
         self._acc.add(key, gt, depth)
 
     def _on_uncertainty(self, msg: Image) -> None:
-        stamp = self._stamp(msg)
+        stamp = stamp_ns(msg.header)
         if stamp in self.samples:
             self.samples[stamp].uncertainty = np.array(image_to_array(msg), dtype=np.float32)
             with self._cond:
                 self._cond.notify_all()
 
     def _on_points(self, msg: PointCloud2) -> None:
-        stamp = self._stamp(msg)
+        stamp = stamp_ns(msg.header)
         if stamp not in self.samples:
             return
         pts = read_points(msg).ravel()

@@ -12,7 +12,9 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 
 from diffsql_model.inference import DEVICES, PRECISIONS
 from diffsql_model.yaml_config import ConfigError
-from diffsql_ros.scale import SCALE_MODES
+from diffsql_ros.scale import SCALE_MODES, ScaleConfig
+
+_SCALE = ScaleConfig()  # the scale.* defaults live in ScaleConfig only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +49,15 @@ PARAMETERS = (
           "else the latest camera_info is used", range=(0.0, 10.0, 0.0)),
     Param("min_depth", 0.1, "metres: depth below is published as NaN", range=(0.0, 1000.0, 0.0)),
     Param("max_depth", 80.0, "metres: depth above is published as NaN", range=(0.001, 10000.0, 0.0)),
-    Param("scale.mode", "relative", "relative (model units), fixed (times scale.factor), stereo (metric "
+    Param("scale.mode", _SCALE.mode, "relative (model units), fixed (times scale.factor), stereo (metric "
           "MS-trained model times scale.stereo_factor), camera_height (ground-plane fit)", SCALE_MODES),
-    Param("scale.factor", 1.0, "metres per model unit in fixed mode", range=(1e-6, 1e6, 0.0)),
-    Param("scale.stereo_factor", 1.0, "stereo mode factor: 1 when trained with the baseline in metres",
+    Param("scale.factor", _SCALE.factor, "metres per model unit in fixed mode", range=(1e-6, 1e6, 0.0)),
+    Param("scale.stereo_factor", _SCALE.stereo_factor, "stereo mode factor: 1 when trained with the baseline in metres",
           range=(1e-6, 1e6, 0.0)),
-    Param("scale.camera_height", 1.65, "metres from the camera centre to the ground", range=(0.01, 100.0, 0.0)),
-    Param("scale.ground_fraction", 0.35, "lower fraction of the image searched for the ground plane",
+    Param("scale.camera_height", _SCALE.camera_height, "metres from the camera centre to the ground", range=(0.01, 100.0, 0.0)),
+    Param("scale.ground_fraction", _SCALE.ground_fraction, "lower fraction of the image searched for the ground plane",
           range=(0.05, 1.0, 0.0)),
-    Param("scale.smoothing", 0.9, "weight of the previous scale (log-space EMA)", range=(0.0, 0.999, 0.0)),
+    Param("scale.smoothing", _SCALE.smoothing, "weight of the previous scale (log-space EMA)", range=(0.0, 0.999, 0.0)),
     Param("points.decimation", 1, "keep every n-th row and column of the cloud", range=(1, 16, 1)),
     Param("points.min_range", 0.0, "metres: closer points are NaN", range=(0.0, 1000.0, 0.0)),
     Param("points.max_range", 80.0, "metres: farther points are NaN", range=(0.0, 10000.0, 0.0)),

@@ -12,6 +12,9 @@ import cv2
 import numpy as np
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 
+from diffsql_model.data.augment import scale_K
+from diffsql_model.data.bag_reader import BagError, camera_matrix
+
 
 class CameraInfoError(ValueError):
     """camera_info that does not describe the image it is paired with."""
@@ -19,11 +22,11 @@ class CameraInfoError(ValueError):
 
 def calibrated_K(info: CameraInfo) -> np.ndarray:
     """3x3 intrinsics of the rectified image: P's left 3x3, or K where P is unset (all zero).
-    As image_geometry / depth_image_proc (and the bag ground truth, bag_reader.camera_matrix)."""
-    P = np.array(info.p, dtype=np.float64).reshape(3, 4)
-    if P[0, 0] > 0:
-        return P[:, :3].copy()
-    return np.array(info.k, dtype=np.float64).reshape(3, 3)
+    As image_geometry / depth_image_proc, and the same function the bag ground truth uses."""
+    try:
+        return camera_matrix(info)
+    except BagError as e:
+        raise CameraInfoError(str(e)) from None
 
 
 def intrinsics_for_image(info: CameraInfo, width: int, height: int) -> np.ndarray:
@@ -51,12 +54,7 @@ def intrinsics_for_image(info: CameraInfo, width: int, height: int) -> np.ndarra
         if abs(sx / sy - 1.0) > 0.02:
             raise CameraInfoError(
                 f"camera_info is {cal_w}x{cal_h}, image is {width}x{height}: not a uniform resize")
-        # Pixel centres on integers (diffsql_model/geometry.py): u' + 0.5 = s (u + 0.5).
-        K[0, 0] *= sx
-        K[1, 1] *= sy
-        K[0, 1] *= sx
-        K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
-        K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+        K = scale_K(K, (cal_w, cal_h), (width, height))  # pixel centres on integers
     return K
 
 

@@ -96,10 +96,6 @@ class ScaleEstimator:
     def reset(self):
         self._log_scale = None
 
-    @property
-    def needs_intrinsics(self) -> bool:
-        return self.cfg.mode == "camera_height"
-
     def update(self, depth: np.ndarray, K: Optional[np.ndarray]) -> float:
         """depth HxW in model units (NaN invalid), K 3x3 in its pixels."""
         mode = self.cfg.mode

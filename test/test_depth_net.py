@@ -7,7 +7,6 @@ import torch
 import torchvision
 
 from diffsql_model.checkpoint import CheckpointError, load_model, save_checkpoint
-from diffsql_model.config import ModelConfig
 from diffsql_model.decoder import UNetDecoder
 from diffsql_model.depth_net import DiffSQLDepth
 from diffsql_model.encoder import ResNetEncoder, imagenet_weights_path

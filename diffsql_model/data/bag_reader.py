@@ -16,6 +16,7 @@ import numpy as np
 
 from diffsql_model.data.bag_writer import get_bag_typestore
 from diffsql_model.data.ground_truth import splat_nearest
+from diffsql_model.data.pairing import nearest_by_stamp, stamp_ns
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 INFO_TYPE = "sensor_msgs/msg/CameraInfo"
@@ -47,10 +48,6 @@ def field(msg, name: str):
         if hasattr(msg, n):
             return getattr(msg, n)
     raise BagError(f"{type(msg).__name__} has no field {name!r} (nor {name.upper()!r})")
-
-
-def stamp_ns(header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def _bag_path(path) -> pathlib.Path:
@@ -210,7 +207,6 @@ def read_camera_stream(path, image_topic: str | None = None, info_topic: str | N
                        K: np.ndarray | None = None) -> Iterator[CameraFrame]:
     """Yield CameraFrame for every image of one camera, K from the camera_info nearest in stamp
     (or `K` given explicitly when the bag has no camera_info)."""
-    from diffsql_model.data.pairing import nearest_by_stamp
 
     with open_bag(path) as reader:
         topic = pick_topic(reader, image_topic, IMAGE_TYPES, "camera image", path)

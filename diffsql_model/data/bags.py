@@ -16,12 +16,12 @@ from diffsql_model.data.bag_reader import (  # noqa: F401  (re-exported API)
     CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, CameraFrame, LidarScan, camera_matrix,
     decode_image, decode_pointcloud, field, info_topic_for, iter_messages, lidar_depth_map,
     lookup_transform, open_bag, pick_topic, read_camera_stream, read_lidar, read_message_at,
-    read_static_transforms, stamp_ns,
+    read_static_transforms,
 )
 from diffsql_model.data.bag_writer import (  # noqa: F401
     FORMATS, KITTI2BAG_TOPICS, ROS2_TOPICS, BagFrame, BagWriteError, kitti_drive_to_bag, write_bag,
 )
-from diffsql_model.data.pairing import nearest_by_stamp
+from diffsql_model.data.pairing import nearest_by_stamp, stamp_ns
 
 
 class _Stream:

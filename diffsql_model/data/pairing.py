@@ -9,6 +9,11 @@ import collections
 from typing import Any, Sequence
 
 
+def stamp_ns(header) -> int:
+    """A std_msgs Header's stamp (ROS 1 or 2, rclpy or rosbags message) in integer nanoseconds."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
 def nearest_by_stamp(sorted_stamps: Sequence[int], t: int, tolerance_ns: int | None = None) -> int | None:
     """Index of the stamp nearest to `t` in an ascending sequence, or None.
 

@@ -68,10 +68,3 @@ class ResumableSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples - self.start_index
 
-
-def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.enabled:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= ctx.world_size
-    return value

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state, load_state_strict,
                           model_state, save_checkpoint)
+from ..inference import PRECISIONS
+from ..inference import resolve_device as inference_device
 from ..losses import SelfSupervisedLoss
 from ..pose_net import PoseNet, transformation_from_parameters
 from .config import TrainConfig, resolve_model_config
@@ -22,15 +24,13 @@ from .datasets import build_datasets
 from .distributed import DistContext, ResumableSampler, barrier
 from .state import check_resumable, rng_state, seed_everything, set_rng_state
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_device(name: str, ctx: DistContext) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and ctx.enabled:
-        name = f"cuda:{ctx.local_rank}"
-    return torch.device(name)
+    """The inference resolver (auto -> cuda/cpu; cuda without a GPU is a clear error), then the
+    process's own GPU under torchrun."""
+    device = inference_device(name)
+    if device.type == "cuda" and device.index is None and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+    return device
 
 
 class Trainer:
@@ -59,7 +59,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=cfg.optim.lr_step_epochs, gamma=cfg.optim.lr_gamma)
         self.loss_fn = SelfSupervisedLoss(cfg.loss)
-        self.autocast_dtype = _DTYPES[cfg.runtime.precision]
+        self.autocast_dtype = None if cfg.runtime.precision == "fp32" else PRECISIONS[cfg.runtime.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
             cfg.runtime.precision == "fp16" and self.device.type == "cuda"))
 
