@@ -37,7 +37,7 @@ TEST_SEED_OFFSET = 200  # the held-out drive's scene differs from every training
 class SampleSettings:
     width: int = 320
     height: int = 96
-    train_drives: int = 8
+    train_drives: int = 12
     train_frames: int = 24  # per training drive (left and right images are both used)
     val_frames: int = 8
     test_frames: int = 20
