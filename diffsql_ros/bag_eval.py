@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from diffsql_model.data.bag_reader import decode_image
 from diffsql_model.eval import metrics as M
 from diffsql_model.eval import protocols as P
 from diffsql_ros import bag_player as BP
@@ -111,10 +112,7 @@ def percentiles(values_ms: list) -> dict:
 
 
 def _rgb_of(frame: BP.CameraFrame) -> np.ndarray:
-    from diffsql_ros.conversions import compressed_to_rgb8, image_to_rgb8
-
-    msg = BP.to_rclpy(frame.image, frame.image_type)
-    return compressed_to_rgb8(msg) if frame.image_type.endswith("CompressedImage") else image_to_rgb8(msg)
+    return decode_image(frame.image, frame.image_type)  # the node's decoders, on the bag message
 
 
 def pick_samples(frames, truth: GroundTruth, n: int) -> list:

@@ -21,10 +21,11 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from diffsql_model.checkpoint import CheckpointError, load_model
+from diffsql_model.data.image_msgs import compressed_to_rgb8, image_to_rgb8
 from diffsql_model.data.pairing import StampPairer, stamp_ns
 from diffsql_model.inference import DepthEstimator, resolve_device
 from diffsql_model.yaml_config import ConfigError
-from diffsql_ros.conversions import array_to_image, colorize_depth, compressed_to_rgb8, image_to_rgb8
+from diffsql_ros.conversions import array_to_image, colorize_depth
 from diffsql_ros.node_params import PARAMETERS, declare_all, validate
 from diffsql_ros.pointcloud import CameraInfoError, PointCloudBuilder, camera_info_for_image, intrinsics_for_image
 from diffsql_ros.scale import ScaleConfig, ScaleEstimator

@@ -190,9 +190,14 @@ def test_padded_rows_bad_encoding_and_pointcloud_field_i():
     msg.step = 4  # shorter than a row
     with pytest.raises(BagError, match="step 4"):
         decode_image(msg, "sensor_msgs/msg/Image")
-    msg.encoding = "16UC1"
-    with pytest.raises(BagError, match="unsupported image encoding '16UC1'"):
+    msg.encoding = "32SC1"
+    with pytest.raises(BagError, match="unsupported encoding '32SC1'"):
         decode_image(msg, "sensor_msgs/msg/Image")
+    # what the node decodes, the bag readers decode: big-endian mono16 and bayer
+    mono = np.array([[0x1200, 0xFF00, 0x0100]], np.uint16)
+    msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian = "mono16", 1, 3, 6, 1
+    msg.data = np.frombuffer(mono.astype(">u2").tobytes(), np.uint8)
+    assert np.array_equal(decode_image(msg, "sensor_msgs/msg/Image")[0, :, 0], [0x12, 0xFF, 0x01])
     # a cloud with field "i" and a 32-byte point step (Ouster/Livox style padding)
     F = store.types["sensor_msgs/msg/PointField"]
     pts = np.array([[1, 2, 3, 0.5], [4, 5, 6, 0.25]], np.float32)

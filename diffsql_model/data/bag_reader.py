@@ -16,6 +16,7 @@ import numpy as np
 
 from diffsql_model.data.bag_writer import get_bag_typestore
 from diffsql_model.data.ground_truth import splat_nearest
+from diffsql_model.data.image_msgs import ImageError, compressed_to_rgb8, image_to_rgb8
 from diffsql_model.data.pairing import nearest_by_stamp, stamp_ns
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
@@ -147,26 +148,13 @@ def info_topic_for(reader, image_topic: str, wanted: str | None, path) -> str:
 
 
 def decode_image(msg, msgtype: str) -> np.ndarray:
-    """sensor_msgs Image (rgb8, bgr8, rgba8, bgra8, mono8) or CompressedImage -> H x W x 3 uint8 RGB."""
-    data = np.asarray(msg.data, dtype=np.uint8)
-    if msgtype.endswith("CompressedImage"):
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise BagError(f"CompressedImage (format {msg.format!r}) could not be decoded")
-        return bgr[:, :, ::-1].copy()
-    enc, h, w, step = msg.encoding, int(msg.height), int(msg.width), int(msg.step)
-    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC1": 1}
-    if enc not in channels:
-        raise BagError(f"unsupported image encoding {enc!r}; supported: {sorted(channels)}")
-    c = channels[enc]
-    if step < w * c or data.size < h * step:
-        raise BagError(f"{enc} image {w}x{h}: step {step} and {data.size} bytes do not fit")
-    img = data[: h * step].reshape(h, step)[:, : w * c].reshape(h, w, c)  # rows may be padded
-    if c == 1:
-        return np.repeat(img, 3, axis=2)
-    if enc in ("bgr8", "bgra8"):
-        img = img[:, :, 2::-1]
-    return np.ascontiguousarray(img[:, :, :3])
+    """sensor_msgs Image (every encoding the depth node accepts) or CompressedImage -> H x W x 3
+    uint8 RGB, writable and contiguous (the decoders return read-only views of the bag's buffer)."""
+    try:
+        rgb = compressed_to_rgb8(msg) if msgtype.endswith("CompressedImage") else image_to_rgb8(msg)
+    except ImageError as e:
+        raise BagError(str(e)) from None
+    return rgb if rgb.flags.writeable and rgb.flags.c_contiguous else rgb.copy()
 
 
 def camera_matrix(info) -> np.ndarray:
