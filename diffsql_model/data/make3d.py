@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import cv2
 import numpy as np
 import scipy.io
 
@@ -59,11 +58,11 @@ def load_make3d_depth(path: str | pathlib.Path) -> np.ndarray:
 
 
 def load_make3d_image(path: str | pathlib.Path) -> np.ndarray:
-    """Make3D JPEG -> H x W x 3 uint8 RGB (2272 x 1704 for the dataset's images)."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"Make3D image missing or unreadable: {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """Make3D JPEG -> H x W x 3 uint8 RGB (2272 x 1704 for the dataset's images), decoded as the
+    training loaders decode (`kitti.load_rgb`)."""
+    from diffsql_model.data.kitti import load_rgb  # kitti imports torch; keep make3d light
+
+    return load_rgb(pathlib.Path(path))
 
 
 def image_crop_rows(height: int, width: int) -> tuple[int, int]:

@@ -16,13 +16,12 @@ import dataclasses
 import pathlib
 from typing import Callable, Iterable, Sequence
 
-import cv2
 import numpy as np
 
 from diffsql_model.data import ground_truth as gtlib
 from diffsql_model.data import make3d as m3d
 from diffsql_model.data.calib import load_kitti_calib
-from diffsql_model.data.kitti import parse_split_lines
+from diffsql_model.data.kitti import load_rgb, parse_split_lines
 from diffsql_model.eval import metrics as M
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
@@ -114,13 +113,6 @@ def resolve_kitti_data(data: str | pathlib.Path) -> tuple[pathlib.Path | None, p
     return (raw if raw.is_dir() else None), (depth if depth.is_dir() else None)
 
 
-def _read_rgb(path: pathlib.Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"image {path} is corrupt or not an image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def _kitti_image_loader(raw_root: pathlib.Path | None, line: SplitLine):
     def load() -> np.ndarray:
         if raw_root is None:
@@ -128,7 +120,7 @@ def _kitti_image_loader(raw_root: pathlib.Path | None, line: SplitLine):
         base = raw_root / line.folder / f"image_0{line.cam}" / "data" / f"{line.frame:010d}"
         for ext in (".png", ".jpg"):
             if base.with_suffix(ext).is_file():
-                return _read_rgb(base.with_suffix(ext))
+                return load_rgb(base.with_suffix(ext))  # the training loader's decoder
         raise FileNotFoundError(f"image not found: {base}.png")
     return load
 
