@@ -60,8 +60,10 @@ class Trainer:
             self.optimizer, step_size=cfg.optim.lr_step_epochs, gamma=cfg.optim.lr_gamma)
         self.loss_fn = SelfSupervisedLoss(cfg.loss)
         self.autocast_dtype = None if cfg.runtime.precision == "fp32" else PRECISIONS[cfg.runtime.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(
-            cfg.runtime.precision == "fp16" and self.device.type == "cuda"))
+        if cfg.runtime.precision == "fp16" and self.device.type != "cuda":
+            # Measured: without CUDA loss scaling most fp16 gradients underflow to zero.
+            raise ValueError("runtime.precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.runtime.precision == "fp16")
 
         self.train_set, self.val_set = build_datasets(cfg.data, self.model_cfg)
         if len(self.train_set) < cfg.optim.batch_size * self.ctx.world_size:
