@@ -1,7 +1,7 @@
 """DepthNet speed per preset: parameters, forward latency (median), peak memory, fp32 and bf16.
 
     python bench/model_speed.py                      # all presets, CPU, tiny SD, 192x640
-    python bench/model_speed.py --device cuda --sd-arch v1.5 --runs 10
+    python bench/model_speed.py --device cuda --sd-arch v1.5 --runs 10 --precisions fp32 fp16 bf16
 Weights are random (speed does not depend on them). SD presets use the tiny SD on CPU unless
 --sd-arch v1.5 is given. Peak memory: CUDA allocator peak on GPU; on CPU the rise of the
 process's peak RSS (VmHWM, reset before the timed runs) over its RSS before them, with
@@ -92,7 +92,8 @@ def main(argv=None):
     ap.add_argument("--sd-arch", choices=("tiny", "v1.5"), default=None,
                     help="SD architecture for SD presets (default: tiny on CPU, the preset's on GPU)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="autocast precisions (default: fp32 bf16; fp16 only on CUDA)")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # A fixed mmap threshold makes glibc return every large tensor to the OS when freed
@@ -101,6 +102,10 @@ def main(argv=None):
         os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    precisions = args.precisions or ["fp32", "bf16"]
+    if device.type == "cpu" and "fp16" in precisions:
+        ap.error("fp16 autocast is a CUDA path (CPU half convolutions are slow or missing)")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     sd_arch = args.sd_arch or ("tiny" if device.type == "cpu" else None)
     name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"# DepthNet forward, {args.batch} x 3 x {args.height} x {args.width}, {name_dev}, "
@@ -115,9 +120,7 @@ def main(argv=None):
         params = sum(p.numel() for p in model.parameters()) / 1e6
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         image = torch.rand(args.batch, 3, args.height, args.width, device=device)
-        res = {"fp32": measure(model, image, device, None, args.runs)}
-        if not args.no_bf16:
-            res["bf16"] = measure(model, image, device, torch.bfloat16, args.runs)
+        res = {p: measure(model, image, device, dtypes[p], args.runs) for p in precisions}
         sd = f"{cfg.sd.arch}/{cfg.sd.layer}" if cfg.sd.enabled else "off"
         rows.append((name, cfg.backbone, sd, cfg.query_mode, params, trainable, res))
         print(f"{name}: " + ", ".join(f"{k} {ms:.1f} ms {mb:.0f} MB{'' if ok else ' NON-FINITE'}"
@@ -126,7 +129,6 @@ def main(argv=None):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
     print()
     print("| preset | backbone | SD | queries | params (M) | trainable (M) | "
           + " | ".join(f"{p} ms | {p} fwd peak MB" for p in precisions) + " |")

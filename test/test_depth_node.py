@@ -328,7 +328,8 @@ def setup(tmp_path_factory):
     # Thresholds from the model's own depth on frame 0, so range and uncertainty masks both bite.
     model, cfg = load_model(ckpt, "cpu")
     rgb0 = cv2.imread(str(FRAMES[0]))[..., ::-1].copy()
-    ref_depth, ref_unc = DepthEstimator(model, cfg).predict(rgb0)
+    # The node runs with device auto (config/depth.yaml): the reference runs where it does.
+    ref_depth, ref_unc = DepthEstimator(model, cfg, device="auto").predict(rgb0)
     max_range = float(np.percentile(ref_depth, 70))
     max_unc = float(np.percentile(ref_unc / ref_depth, 85))
     log = open(tmp / "node.log", "w")
@@ -426,7 +427,7 @@ def test_compressed_transport(setup):
     rgb = cv2.imdecode(np.frombuffer(jpeg_bytes(cv2.imread(str(FRAMES[1]))[..., ::-1]), np.uint8),
                        cv2.IMREAD_COLOR)[..., ::-1].copy()
     model, cfg = setup["model"]
-    ref, _ = DepthEstimator(model, cfg).predict(rgb)
+    ref, _ = DepthEstimator(model, cfg, device="auto").predict(rgb)  # where the node runs
     W, H = calib.image_size
     depth = np.frombuffer(msgs["/compressed/depth"].data, np.float32).reshape(H, W)
     np.testing.assert_allclose(depth, ref, rtol=1e-4)
