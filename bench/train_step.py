@@ -92,13 +92,14 @@ def main(argv=None) -> int:
     head = (f"{'preset':<12}{'precision':>10}{'trainable M':>12}{'data ms':>10}{'fwd ms':>10}{'bwd ms':>10}"
             f"{'step ms':>10}{'img/s':>8}{'GPU GiB':>9}")
     rows = []
+    cuda = a.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets:
             for prec in a.precision:
                 r = bench(preset, h, w, a.batch, a.steps, a.device, frames, tmp, prec)
                 rows.append(f"{preset:<12}{prec:>10}{r['trainable_M']:>12.2f}{r['data'] * 1e3:>10.0f}"
                             f"{r['forward'] * 1e3:>10.0f}{r['backward'] * 1e3:>10.0f}{r['step'] * 1e3:>10.0f}"
-                            f"{r['images_per_s']:>8.2f}{r['peak_GiB']:>9.2f}")
+                            f"{r['images_per_s']:>8.2f}" + (f"{r['peak_GiB']:>9.2f}" if cuda else f"{'-':>9}"))
                 print(rows[-1], flush=True)
     print(head)
     print("\n".join(rows))
