@@ -3,6 +3,11 @@ arrive in this process (which subscribes to every output unless --outputs names 
 node skips outputs nobody listens to), and the node's own per-stage medians from /diagnostics.
 
   .venv/bin/python bench/node_latency.py [--frames 15] [--sizes 192x640 375x1242]
+  .venv/bin/python bench/node_latency.py --best-effort --sizes 192x640 480x640 [--large-data-profile]
+
+--best-effort publishes the frames as a camera driver does (sensor-data QoS) to the node's default
+best-effort subscription and counts the frames it answers; --large-data-profile runs the node and
+this process with config/fastdds_large_data.xml (its shared-memory part: diffsql_ros.dds_profile).
 
 The node is the real console script with config/depth.yaml in a subprocess, loading a lite
 checkpoint with random weights (network input 192x640). Frames are sent one at a time so
@@ -27,7 +32,7 @@ import torch
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import QoSProfile
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +42,7 @@ from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
 from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.presets import get_preset  # noqa: E402
 from diffsql_ros.conversions import array_to_image  # noqa: E402
+from diffsql_ros.dds_profile import PROFILE, shm_only  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("DIFFSQL_SHARED", ROOT.parent / "shared")).resolve()
 DATE_DIR = SHARED / "data/kitti/raw/2011_09_26"
@@ -47,18 +53,19 @@ STAGES = ("conversion", "preprocess", "model", "postprocess", "pointcloud", "pub
 
 
 class Bench:
-    def __init__(self, outputs):
+    def __init__(self, outputs, best_effort=False):
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
         self.node = rclpy.create_node("latency_bench", context=self.ctx)
         qos = QoSProfile(depth=5)
-        self.pub_img = self.node.create_publisher(Image, "image", qos)
-        self.pub_info = self.node.create_publisher(CameraInfo, "camera_info", qos)
+        camera_qos = qos_profile_sensor_data if best_effort else qos
+        self.pub_img = self.node.create_publisher(Image, "image", camera_qos)
+        self.pub_info = self.node.create_publisher(CameraInfo, "camera_info", camera_qos)
         self.got = {}
         self.diag = {}
         self.cv = threading.Condition()
-        for topic in {"depth", "points", *outputs}:
-            self.node.create_subscription(OUTPUTS[topic], topic, lambda m, t=topic: self._rx(t, m), qos)
+        self.subs = {topic: self.node.create_subscription(OUTPUTS[topic], topic, lambda m, t=topic: self._rx(t, m), qos)
+                     for topic in {"depth", "points", *outputs}}
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.ex = SingleThreadedExecutor(context=self.ctx)
         self.ex.add_node(self.node)
@@ -104,32 +111,36 @@ def camera_info(size):
     return info
 
 
-def run_size(size, frames, ckpt, net, extra, outputs):
+def run_size(size, frames, ckpt, net, extra, outputs, best_effort=False):
     rgb = cv2.imread(str(FRAME))[..., ::-1]
     rgb = np.ascontiguousarray(cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    # Reliable input unless the camera's best-effort delivery is what is measured.
+    qos = [] if best_effort else ["-p", "input_qos:=reliable"]
     cmd = [str(pathlib.Path(sys.executable).parent / "depth_node"), "--ros-args",
            "--params-file", str(ROOT / "config/depth.yaml"), "-p", f"checkpoint:={ckpt}",
            "-p", f"input_height:={net[0]}", "-p", f"input_width:={net[1]}",
-           "-p", "input_qos:=reliable", "-p", "diagnostics_period:=0.5"] + sum((["-p", e] for e in extra), [])
+           "-p", "diagnostics_period:=0.5"] + qos + sum((["-p", e] for e in extra), [])
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    bench = Bench(outputs)
+    bench = Bench(outputs, best_effort)
     try:
         info = camera_info(size)
         lat, sec = [], 1
         end = time.time() + 60
-        while bench.send(array_to_image(rgb, "rgb8"), info, sec, timeout=2.0) is None:  # discovery
-            sec += 1
+        # Discovery: the node matches this process's publishers and its outputs our subscriptions.
+        while not (bench.pub_img.get_subscription_count() and all(s.get_publisher_count() for s in bench.subs.values())):
             if time.time() > end or proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError("node did not answer:\n" + log.read())
-        for _ in range(3):  # warm-up
+                raise RuntimeError("node not discovered:\n" + log.read())
+            time.sleep(0.1)
+        for _ in range(5):  # warm-up; the first answer also shows the node's outputs flow
             sec += 1
-            bench.send(array_to_image(rgb, "rgb8"), info, sec)
+            if bench.send(array_to_image(rgb, "rgb8"), info, sec, timeout=5.0) is not None:
+                break
         for _ in range(frames):
             sec += 1
-            r = bench.send(array_to_image(rgb, "rgb8"), info, sec)
+            r = bench.send(array_to_image(rgb, "rgb8"), info, sec, timeout=5.0)
             if r is not None:
                 lat.append(r)
         time.sleep(1.2)  # one more diagnostics period
@@ -140,8 +151,10 @@ def run_size(size, frames, ckpt, net, extra, outputs):
         proc.terminate()
         proc.wait(timeout=15)
     stages = {k: float(diag.get(f"{k} (ms)", "nan")) for k in STAGES}
-    return {"depth_ms": statistics.median(d for d, _ in lat), "points_ms": statistics.median(p for _, p in lat),
-            "n": len(lat), **stages}
+    nan = float("nan")
+    return {"depth_ms": statistics.median(d for d, _ in lat) if lat else nan,
+            "points_ms": statistics.median(p for _, p in lat) if lat else nan,
+            "answered": f"{len(lat)}/{frames}", **stages}
 
 
 def main():
@@ -152,28 +165,36 @@ def main():
     ap.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS,
                     help="topics this process subscribes to (depth and points always)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME:=VALUE", help="extra node parameters")
+    ap.add_argument("--best-effort", action="store_true",
+                    help="publish with sensor-data QoS to the node's default best-effort input")
+    ap.add_argument("--large-data-profile", action="store_true",
+                    help="node and this process use config/fastdds_large_data.xml (shared memory part)")
     args = ap.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
     net = tuple(int(v) for v in args.net.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
+        if args.large_data_profile:  # read when this process and the node create their participants
+            os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(shm_only(PROFILE, pathlib.Path(tmp) / "profile.xml"))
         torch.manual_seed(0)
         cfg = get_preset("lite", height=net[0], width=net[1])
         ckpt = save_checkpoint(pathlib.Path(tmp) / "lite.pt",
                                {"model_config": cfg.to_dict(), "model": DiffSQLDepth(cfg).state_dict()})
         rows = [(s, run_size(tuple(int(v) for v in s.split("x")), args.frames, ckpt, net, args.set,
-                             args.outputs))
+                             args.outputs, args.best_effort))
                 for s in args.sizes]
     print(f"\ndepth node latency, lite preset, network {args.net}, {os.cpu_count()} CPUs, "
           f"torch threads {os.environ.get('OMP_NUM_THREADS')}, medians over {args.frames} frames (ms), "
           f"load {os.getloadavg()[0]:.2f}, publication mode "
-          f"{os.environ.get('RMW_FASTRTPS_PUBLICATION_MODE', 'default')}, subscribed: {' '.join(args.outputs)}")
-    head = ["input", "e2e depth", "e2e points"] + list(STAGES) + ["overhead"]
+          f"{os.environ.get('RMW_FASTRTPS_PUBLICATION_MODE', 'default')}, subscribed: {' '.join(args.outputs)}, "
+          f"input {'best effort' if args.best_effort else 'reliable'}, "
+          f"large-data profile {'on' if args.large_data_profile else 'off'}")
+    head = ["input", "answered", "e2e depth", "e2e points"] + list(STAGES) + ["overhead"]
     print(" | ".join(f"{h:>10}" for h in head))
     for s, r in rows:
         overhead = sum(r[k] for k in STAGES if k != "model")
         vals = [r["depth_ms"], r["points_ms"]] + [r[k] for k in STAGES] + [overhead]
-        print(" | ".join([f"{s:>10}"] + [f"{v:10.2f}" for v in vals]))
+        print(" | ".join([f"{s:>10}", f"{r['answered']:>10}"] + [f"{v:10.2f}" for v in vals]))
 
 
 if __name__ == "__main__":

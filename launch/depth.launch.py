@@ -2,11 +2,14 @@
 
   ros2 launch diffsql_ros depth.launch.py checkpoint:=/path/model.pt \
       image:=/camera/image_raw camera_info:=/camera/camera_info rviz:=true
+
+fastdds_profile:=<share>/config/fastdds_large_data.xml gives the node and rviz2 Fast DDS shared
+memory big enough for camera frames and clouds (see that file; the camera driver needs it too).
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
@@ -46,6 +49,13 @@ def generate_launch_description():
         DeclareLaunchArgument("rviz", default_value="false", description="start rviz2 with config/depth.rviz"),
         DeclareLaunchArgument("camera_frame", default_value="camera_optical_frame",
                               description="rviz2 fixed frame: the camera's optical frame"),
+        DeclareLaunchArgument("fastdds_profile", default_value="",
+                              description="Fast DDS XML profile for the node and rviz2 (e.g. config/"
+                                          "fastdds_large_data.xml); empty = leave DDS as configured"),
+        # Before the nodes: launch passes its environment to the processes started after it.
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"),
+                               condition=IfCondition(PythonExpression(
+                                   ["'", LaunchConfiguration("fastdds_profile"), "' != ''"]))),
         OpaqueFunction(function=_depth_node),
         Node(
             package="rviz2",

@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "depth.launch.py"
 PARAMS = ROOT / "config" / "depth.yaml"
 RVIZ = ROOT / "config" / "depth.rviz"
+DDS_PROFILE = ROOT / "config" / "fastdds_large_data.xml"
 
 
 def _const(node):
@@ -60,7 +61,7 @@ def test_launch_runs_the_console_script_of_this_package(launch_tree):
     assert callable(getattr(importlib.import_module(module), func))
     # ament_python installs launch/ and config/ files by these setup.py globs.
     globs = _setup_data_globs()
-    for path in (LAUNCH, PARAMS, RVIZ):
+    for path in (LAUNCH, PARAMS, RVIZ, DDS_PROFILE):
         rel = str(path.relative_to(ROOT))
         assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
 
@@ -117,3 +118,14 @@ def test_rviz_config_shows_the_node_outputs(launch_args):
     assert default_rel == "reliable"
     assert displays["PointCloud2:/points"]["Color Transformer"] == "RGB8"
     assert cfg["Global Options"]["Fixed Frame"] == launch_args["camera_frame"]
+
+
+def test_fastdds_profile_argument_sets_the_variable_before_any_process(launch_tree, launch_args):
+    assert launch_args["fastdds_profile"] == ""  # DDS left as the robot configures it by default
+    (env,) = _calls(launch_tree, "SetEnvironmentVariable")
+    assert _const(env.args[0]) == "FASTDDS_DEFAULT_PROFILES_FILE"
+    assert _const(env.args[1].args[0]) == "fastdds_profile"
+    # Launch hands its environment to the processes started after the action: it comes first.
+    description = next(c for c in _calls(launch_tree, "LaunchDescription"))
+    order = [getattr(e.func, "id", None) for e in description.args[0].elts]
+    assert order.index("SetEnvironmentVariable") < order.index("OpaqueFunction") < order.index("Node")
