@@ -370,8 +370,13 @@ def setup(tmp_path_factory):
     finally:
         publisher.close()
         receiver.close()
-        for proc in (node, node_c):
+        for proc in (node, node_c):  # Ctrl-C first: Fast DDS removes its shared memory on a clean exit
             if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (node, node_c):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         log.close()
@@ -520,6 +525,8 @@ def test_flood_drops_stale_frames_with_bounded_latency_and_flat_memory(setup):
     t_mid = time.time()
     n2 = int(pub.send("flood 3").split()[1])
     rss2 = _rss_mb(node.pid)
+    n3 = int(pub.send("flood 3").split()[1])
+    rss3 = _rss_mb(node.pid)
     t_end = time.time()
     rx.request(pub, "frame 3 3000 rgb8", 3000, ("depth",))
     assert time.time() - t_end < 5.0  # answers at once after the flood
@@ -528,12 +535,15 @@ def test_flood_drops_stale_frames_with_bounded_latency_and_flat_memory(setup):
     with rx.lock:
         late = [(t - (s + ns * 1e-9)) for s, ns, t in rx.arrival["depth"] if t > t_mid and s > 10**9]
     processed = len(late)
-    assert n1 + n2 > 100 and processed >= 5
-    assert int(diag["dropped frames"]) - dropped0 > (n1 + n2) // 3
+    assert n1 + n2 + n3 > 150 and processed >= 5
+    assert int(diag["dropped frames"]) - dropped0 > (n1 + n2 + n3) // 3
     # Newest frame first: publish-to-receive latency stays near one inference, never queues up
     # (a queue would grow to seconds within a 3 s flood at these rates).
     assert np.median(late) < 1.0 and max(late) < 3.0, late
-    assert rss2 - rss1 < 30, (rss1, rss2)
+    # Flat memory: a leak grows with every flood (50+ frames of 1.4 MB each); the allocator's
+    # arenas grow in occasional steps (seen: +17 and +30 MB once), so one step may be large.
+    steps = (rss2 - rss1, rss3 - rss2)
+    assert min(steps) < 15 and rss3 - rss1 < 60, (rss1, rss2, rss3)
 
 
 def test_ctrl_c_shuts_down_cleanly(setup):
