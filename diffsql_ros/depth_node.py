@@ -91,13 +91,15 @@ class DepthNode(Node):
         self.latencies = collections.deque(maxlen=100)
         self.stage_ms = {k: collections.deque(maxlen=100) for k in STAGES}
         self._last_diag = (time.monotonic(), 0, 0)
+        self._last_image = self._last_info = None  # monotonic times: a camera_info-only stream is diagnosed
+        self._started = time.monotonic()
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         in_qos = qos_profile_sensor_data if s["input_qos"] == "sensor_data" else QoSProfile(depth=5)
         if s["image_transport"] == "compressed":
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, in_qos)
+            self.image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, in_qos)
         else:
-            self.create_subscription(Image, "image", self._on_image, in_qos)
+            self.image_sub = self.create_subscription(Image, "image", self._on_image, in_qos)
         self.create_subscription(CameraInfo, "camera_info", self._on_info, in_qos)
         rel = ReliabilityPolicy.RELIABLE if s["output_reliability"] == "reliable" else ReliabilityPolicy.BEST_EFFORT
         out_qos = QoSProfile(depth=2, reliability=rel)
@@ -137,9 +139,11 @@ class DepthNode(Node):
     def _on_image(self, msg):
         with self._lock:
             self.received += 1
+            self._last_image = time.monotonic()
         self.slot.put((msg, time.perf_counter()))
 
     def _on_info(self, msg: CameraInfo):
+        self._last_info = time.monotonic()
         stamp = stamp_ns(msg.header)
         with self._info_lock:
             latest = self.infos.latest()
@@ -258,7 +262,15 @@ class DepthNode(Node):
         status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: depth inference",
                                   hardware_id=values["device"],
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
-        if self.received == 0:
+        starved = self._images_lost(now)
+        if starved:
+            status.level, status.message = DiagnosticStatus.WARN, starved
+            self.get_logger().warning(
+                f"{starved}. With Fast DDS, best-effort frames over 512 KB are lost between processes "
+                f"unless the camera and this node use config/fastdds_large_data.xml "
+                f"(FASTDDS_DEFAULT_PROFILES_FILE); or the image topic, encoding type or QoS does not match",
+                throttle_duration_sec=30.0)
+        elif self.received == 0:
             status.level, status.message = DiagnosticStatus.WARN, "no images received"
         elif rate_in > 0 and rate_out < 0.5 * rate_in:
             status.level, status.message = DiagnosticStatus.WARN, "model slower than the camera: dropping frames"
@@ -267,6 +279,15 @@ class DepthNode(Node):
         arr = DiagnosticArray(status=[status])
         arr.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(arr)
+
+    def _images_lost(self, now: float) -> str:
+        """A camera that publishes camera_info and has an image publisher, but whose images have
+        not arrived for 5 s: the symptom of big best-effort frames lost in transport."""
+        last_image = self._last_image or self._started
+        if (self._last_info is None or now - self._last_info > 2.0 or now - last_image < 5.0
+                or self.image_sub.get_publisher_count() == 0):
+            return ""
+        return f"camera_info arrives but no image for {now - last_image:.0f} s"
 
     def stop(self):
         self._stop.set()

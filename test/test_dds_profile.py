@@ -29,7 +29,7 @@ if __name__ != "__main__":
 SIZE = (480, 640)  # height, width
 
 
-def _camera_main():
+def _camera_main(images=True):
     import cv2
     import rclpy
     from builtin_interfaces.msg import Time
@@ -55,7 +55,8 @@ def _camera_main():
         info.k = [info.k[0] * sx, 0.0, info.k[2] * sx, 0.0, info.k[4] * sy, info.k[5] * sy, 0.0, 0.0, 1.0]
         info.p = [info.k[0], 0.0, info.k[2], 0.0, 0.0, info.k[4], info.k[5], 0.0, 0.0, 0.0, 1.0, 0.0]
         pub_info.publish(info)
-        pub_img.publish(_image(rgb, stamp))
+        if images:  # without: the symptom of frames lost in transport, camera_info alone arriving
+            pub_img.publish(_image(rgb, stamp))
         time.sleep(0.25)
 
 
@@ -144,6 +145,64 @@ def test_best_effort_frames_bigger_than_the_default_segment_reach_the_node(tmp_p
         log.close()
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["publish"]:
+def test_node_diagnoses_a_camera_whose_images_do_not_arrive(tmp_path):
+    """camera_info arriving without images is what lost big frames look like: the node says so
+    on /diagnostics and in its log, and points at the profile."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.executors import SingleThreadedExecutor
+
+    from test_depth_node import CONSOLE_SCRIPT, NET, PARAMS_FILE, ROOT, make_checkpoint, node_env
+
+    ckpt = make_checkpoint(tmp_path / "lite.pt")
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "--ros-args", "--params-file", str(PARAMS_FILE), "-p", f"checkpoint:={ckpt}",
+         "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}", "-p", "diagnostics_period:=0.5"],
+        stdout=log, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp_path)
+    camera = subprocess.Popen([sys.executable, __file__, "publish", "info-only"], env=node_env(), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "camera.log", "w"))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    seen, lock = [], threading.Lock()
+    try:
+        rx = rclpy.create_node("diag_test_receiver", context=ctx)
+
+        def on_diag(msg):
+            with lock:
+                seen.extend((s.level, s.message) for s in msg.status if s.name.startswith("/depth_node:"))
+        rx.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+        executor = SingleThreadedExecutor(context=ctx)
+        executor.add_node(rx)
+        threading.Thread(target=executor.spin, daemon=True).start()
+        end, hit = time.time() + 40, None
+        while time.time() < end and hit is None:
+            assert node.poll() is None and camera.poll() is None, (tmp_path / "node.log").read_text()
+            with lock:
+                hit = next((m for lvl, m in seen if m.startswith("camera_info arrives but no image")), None)
+                level = next((lvl for lvl, m in seen if m == hit), None)
+            time.sleep(0.2)
+        assert hit is not None, seen[-5:]
+        assert level == DiagnosticStatus.WARN
+        with lock:  # before the camera had been silent for 5 s the node only said it had no images yet
+            before = {m for _, m in seen[: [m for _, m in seen].index(hit)]}
+        assert before <= {"no images received"}, before
+        time.sleep(1.0)
+        assert "fastdds_large_data.xml" in (tmp_path / "node.log").read_text()
+        executor.shutdown()
+    finally:
+        rclpy.try_shutdown(context=ctx)
+        for proc in (camera, node):
+            proc.send_signal(signal.SIGINT)
+        for proc in (camera, node):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["publish"]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    _camera_main()
+    _camera_main(images=sys.argv[2:] != ["info-only"])
