@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import threading
@@ -91,7 +90,7 @@ def test_best_effort_frames_bigger_than_the_default_segment_reach_the_node(tmp_p
     from sensor_msgs.msg import Image
 
     from diffsql_ros.dds_profile import PROFILE, shm_only
-    from test_depth_node import CONSOLE_SCRIPT, NET, PARAMS_FILE, ROOT, make_checkpoint, node_env
+    from test_depth_node import CONSOLE_SCRIPT, NET, PARAMS_FILE, ROOT, make_checkpoint, node_env, stop_gracefully
 
     env = dict(node_env(), FASTDDS_DEFAULT_PROFILES_FILE=str(shm_only(PROFILE, tmp_path / "profile.xml")))
     ckpt = make_checkpoint(tmp_path / "lite.pt")
@@ -134,14 +133,7 @@ def test_best_effort_frames_bigger_than_the_default_segment_reach_the_node(tmp_p
         executor.shutdown()
     finally:
         rclpy.try_shutdown(context=ctx)
-        for proc in (camera, node):  # Ctrl-C: Fast DDS removes its 16 MiB segments on a clean exit
-            proc.send_signal(signal.SIGINT)
-        for proc in (camera, node):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gracefully(camera, node)  # a clean exit removes the 16 MiB segments
         log.close()
 
 
@@ -152,7 +144,7 @@ def test_node_diagnoses_a_camera_whose_images_do_not_arrive(tmp_path):
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from rclpy.executors import SingleThreadedExecutor
 
-    from test_depth_node import CONSOLE_SCRIPT, NET, PARAMS_FILE, ROOT, make_checkpoint, node_env
+    from test_depth_node import CONSOLE_SCRIPT, NET, PARAMS_FILE, ROOT, make_checkpoint, node_env, stop_gracefully
 
     ckpt = make_checkpoint(tmp_path / "lite.pt")
     log = open(tmp_path / "node.log", "w")
@@ -192,14 +184,7 @@ def test_node_diagnoses_a_camera_whose_images_do_not_arrive(tmp_path):
         executor.shutdown()
     finally:
         rclpy.try_shutdown(context=ctx)
-        for proc in (camera, node):
-            proc.send_signal(signal.SIGINT)
-        for proc in (camera, node):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gracefully(camera, node)
         log.close()
 
 

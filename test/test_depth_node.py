@@ -314,6 +314,20 @@ class Publisher:
             self.proc.wait()
 
 
+def stop_gracefully(*procs, timeout=15.0):
+    """Ctrl-C, then kill what is still running after `timeout`: ROS processes that exit cleanly
+    let Fast DDS remove their shared-memory segments from /dev/shm (a kill leaves them)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _rss_mb(pid) -> float:
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -370,15 +384,7 @@ def setup(tmp_path_factory):
     finally:
         publisher.close()
         receiver.close()
-        for proc in (node, node_c):  # Ctrl-C first: Fast DDS removes its shared memory on a clean exit
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in (node, node_c):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_gracefully(node, node_c)
         log.close()
         log_c.close()
 
