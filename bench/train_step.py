@@ -40,7 +40,7 @@ def bench(preset: str, height: int, width: int, batch: int, steps: int, device: 
         "optim": {"batch_size": batch},
         "runtime": {"device": device, "num_workers": 0, "progress": False, "precision": precision},
     })
-    trainer = Trainer(cfg, pathlib.Path(tmp) / preset)
+    trainer = Trainer(cfg, pathlib.Path(tmp) / f"{preset}_{precision}")
     times = {"data": [], "forward": [], "backward": []}
     it = iter(trainer.loader)
     cuda = trainer.device.type == "cuda"

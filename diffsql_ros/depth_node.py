@@ -266,8 +266,8 @@ class DepthNode(Node):
         if starved:
             status.level, status.message = DiagnosticStatus.WARN, starved
             self.get_logger().warning(
-                f"{starved}. With Fast DDS, best-effort frames over 512 KB are lost between processes "
-                f"unless the camera and this node use config/fastdds_large_data.xml "
+                f"{starved}. With Fast DDS's defaults, best-effort frames over 512 KB can be lost between "
+                f"processes; run the camera and this node with config/fastdds_large_data.xml "
                 f"(FASTDDS_DEFAULT_PROFILES_FILE); or the image topic, encoding type or QoS does not match",
                 throttle_duration_sec=30.0)
         elif self.received == 0:
