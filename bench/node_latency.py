@@ -7,7 +7,9 @@ node skips outputs nobody listens to), and the node's own per-stage medians from
 
 --best-effort publishes the frames as a camera driver does (sensor-data QoS) to the node's default
 best-effort subscription and counts the frames it answers; --large-data-profile runs the node and
-this process with config/fastdds_large_data.xml (its shared-memory part: diffsql_ros.dds_profile).
+this process with config/fastdds_large_data.xml (its shared-memory part: diffsql_ros.dds_profile),
+whose writers are asynchronous. RMW_FASTRTPS_PUBLICATION_MODE=SYNCHRONOUS (or ASYNCHRONOUS) in the
+environment overrides the node's AUTO, to compare the modes.
 
 The node is the real console script with config/depth.yaml in a subprocess, loading a lite
 checkpoint with random weights (network input 192x640). Frames are sent one at a time so
@@ -186,7 +188,7 @@ def main():
     print(f"\ndepth node latency, lite preset, network {args.net}, {os.cpu_count()} CPUs, "
           f"torch threads {os.environ.get('OMP_NUM_THREADS')}, medians over {args.frames} frames (ms), "
           f"load {os.getloadavg()[0]:.2f}, publication mode "
-          f"{os.environ.get('RMW_FASTRTPS_PUBLICATION_MODE', 'default')}, subscribed: {' '.join(args.outputs)}, "
+          f"{os.environ.get('RMW_FASTRTPS_PUBLICATION_MODE', 'AUTO (node default)')}, subscribed: {' '.join(args.outputs)}, "
           f"input {'best effort' if args.best_effort else 'reliable'}, "
           f"large-data profile {'on' if args.large_data_profile else 'off'}")
     head = ["input", "answered", "e2e depth", "e2e points"] + list(STAGES) + ["overhead"]

@@ -7,6 +7,7 @@ subscribes to are skipped, and with no subscriber at all the model does not run.
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import threading
 import time
@@ -296,6 +297,11 @@ class DepthNode(Node):
 
 
 def main(args=None) -> int:
+    # AUTO: the publication mode comes from the Fast DDS XML profile, else Fast DDS's default
+    # (synchronous, as rmw_fastrtps's own default). config/fastdds_large_data.xml asks for
+    # asynchronous writers, which pays off only with its large shared memory (bench/node_latency.py).
+    # Read when the DDS participant is made; a value the user set wins.
+    os.environ.setdefault("RMW_FASTRTPS_PUBLICATION_MODE", "AUTO")
     rclpy.init(args=args)
     try:
         node = DepthNode()

@@ -75,6 +75,10 @@ def test_shm_only_keeps_the_shared_memory_transport_and_drops_udp(tmp_path):
     refs = [t.text for t in tree.iterfind(".//d:userTransports/d:transport_id", ns)]
     assert refs == [desc.findtext("d:transport_id", namespaces=ns)]
     assert tree.findtext(".//d:useBuiltinTransports", namespaces=ns) == "false"
+    # Both copies make writers asynchronous for processes in AUTO publication mode (depth_node).
+    for t in (full, tree):
+        (writer,) = [w for w in t.iterfind(".//d:data_writer", ns) if w.get("is_default_profile") == "true"]
+        assert writer.findtext("d:qos/d:publishMode/d:kind", namespaces=ns) == "ASYNCHRONOUS"
 
 
 def _shm_segments() -> dict:
