@@ -63,7 +63,8 @@ PARAMETERS = (
     Param("points.max_range", 80.0, "metres: farther points are NaN", range=(0.0, 10000.0, 0.0)),
     Param("points.max_uncertainty", 0.0, "points with uncertainty / depth above this are NaN; 0 = off",
           range=(0.0, 100.0, 0.0)),
-    Param("points.rgb", True, "add packed rgb (point_step 32) to the cloud"),
+    Param("points.rgb", False, "add packed rgb to the cloud: point_step 32 instead of 16, twice the bytes "
+          "(rviz2: Color Transformer RGB8)"),
     Param("publish.depth", True, "publish depth (32FC1) and depth/camera_info"),
     Param("publish.points", True, "publish points (PointCloud2)"),
     Param("publish.uncertainty", True, "publish depth/uncertainty (32FC1, metres)"),

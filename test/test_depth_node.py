@@ -351,7 +351,7 @@ def setup(tmp_path_factory):
         [str(CONSOLE_SCRIPT), "--ros-args", "--params-file", str(PARAMS_FILE),
          "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
          "-p", f"points.max_range:={max_range}", "-p", f"points.max_uncertainty:={max_unc}",
-         "-p", "diagnostics_period:=0.5",
+         "-p", "diagnostics_period:=0.5", "-p", "points.rgb:=true",
          # Best-effort 1.4 MB frames lose UDP fragments on a loaded 2-core box: reliable makes
          # every frame the test sends arrive (sensor_data stays the default for cameras).
          "-p", "input_qos:=reliable"],
@@ -360,7 +360,7 @@ def setup(tmp_path_factory):
     node_c = subprocess.Popen(
         [str(CONSOLE_SCRIPT), "--ros-args", "-r", "__ns:=/compressed", "--params-file", str(PARAMS_FILE),
          "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
-         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable", "-p", "points.rgb:=false"],
+         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable"],
         stdout=log_c, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     receiver = Receiver()
     publisher = Publisher(tmp)

@@ -116,7 +116,14 @@ def test_rviz_config_shows_the_node_outputs(launch_args):
         assert d["Topic"]["Reliability Policy"] == "Reliable"
     default_rel = next(p.default for p in PARAMETERS if p.name == "output_reliability")
     assert default_rel == "reliable"
-    assert displays["PointCloud2:/points"]["Color Transformer"] == "RGB8"
+    # The colouring must exist in the default cloud: RGB8 needs points.rgb; AxisColor on z (the
+    # optical axis, so colour = depth) works for x/y/z alone.
+    rgb_default = next(p.default for p in PARAMETERS if p.name == "points.rgb")
+    cloud = displays["PointCloud2:/points"]
+    if rgb_default:
+        assert cloud["Color Transformer"] == "RGB8"
+    else:
+        assert (cloud["Color Transformer"], cloud["Axis"]) == ("AxisColor", "Z")
     assert cfg["Global Options"]["Fixed Frame"] == launch_args["camera_frame"]
 
 
