@@ -11,6 +11,7 @@ from typing import Optional
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,15 +47,15 @@ class DepthEstimator:
         self.net_size = (int(h), int(w))
         self.model = model.to(self.device).eval()
         self._autocast = precision != "fp32"
-        # Reused per-frame buffers: resized uint8 frame (pinned for async H2D on CUDA) and the
-        # float network input 1x3xHxW.
-        pin = self.device.type == "cuda"
-        self._resized = torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=pin)
-        self._resized_np = self._resized.numpy()
+        # Reused per-frame buffers: the float network input 1x3xHxW; on CUDA the network-size
+        # uint8 frame, pinned for the async host-to-device copy; on CPU uint8 planes.
         self._input = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
         if self.device.type == "cpu":
             self._input_np = self._input.numpy()
             self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
+        else:
+            self._resized = torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=True)
+            self._resized_np = self._resized.numpy()
         self.timing = {"preprocess_ms": 0.0, "model_ms": 0.0, "postprocess_ms": 0.0}
 
     def _sync(self):
@@ -76,18 +77,25 @@ class DepthEstimator:
         t0 = time.perf_counter()
         resize = (H, W) != (h, w)
         if resize:
-            # INTER_AREA when shrinking avoids aliasing (what the training resize does in effect).
-            interp = cv2.INTER_AREA if H >= h and W >= w else cv2.INTER_LINEAR
-            cv2.resize(rgb, (w, h), dst=self._resized_np, interpolation=interp)
+            # The training resize (augment.to_tensor_resized: bilinear, antialiased) run on uint8:
+            # torch's SIMD path, within rounding of the float one; at 1242x375 -> 640x192 about
+            # 0.8 ms against 2.2-2.9 ms for cv2 INTER_AREA, which differs from it by up to 40/255.
+            src = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+            small = F.interpolate(src, size=(h, w), mode="bilinear", antialias=True, align_corners=False)  # 1x3xhxw
         if self.device.type == "cpu":
-            # HWC uint8 -> CHW float * 1/255 as SIMD plane splits and one float32 multiply per
-            # plane (bit-identical to the torch permute-copy, ~2x faster than its strided copy).
-            cv2.split(self._resized_np if resize else rgb, self._planes)
-            for c in range(3):
-                np.multiply(self._planes[c], np.float32(1.0 / 255.0), out=self._input_np[0, c], casting="unsafe")
+            if resize:
+                torch.mul(small, 1.0 / 255.0, out=self._input)
+            else:
+                # HWC uint8 -> CHW float * 1/255 as SIMD plane splits and one float32 multiply per
+                # plane (bit-identical to the torch permute-copy, ~2x faster than its strided copy).
+                cv2.split(rgb, self._planes)
+                for c in range(3):
+                    np.multiply(self._planes[c], np.float32(1.0 / 255.0), out=self._input_np[0, c], casting="unsafe")
         else:
-            if not resize:
-                self._resized_np[...] = rgb  # pinned staging buffer for the async copy
+            if resize:  # into the pinned staging buffer of the async copy
+                self._resized.copy_(small[0].permute(1, 2, 0))
+            else:
+                np.copyto(self._resized_np, rgb)
             src = self._resized.to(self.device, non_blocking=True)  # h x w x 3 uint8
             self._input.copy_(src.permute(2, 0, 1).unsqueeze(0)).mul_(1.0 / 255.0)
             self._sync()

@@ -172,6 +172,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
 from diffsql_model.checkpoint import load_model, save_checkpoint  # noqa: E402
 from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
+from diffsql_model.data.augment import to_tensor_resized  # noqa: E402
 from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import DepthEstimator  # noqa: E402
 from diffsql_model.presets import get_preset  # noqa: E402
@@ -603,6 +604,10 @@ def test_depth_estimator_matches_the_model_and_reuses_its_buffers(lite_model):
     assert d2.shape == u2.shape == full.shape[:2] and d2.dtype == np.float32
     assert cfg.min_depth <= d2.min() and d2.max() <= cfg.max_depth
     assert est._input.data_ptr() == ptr  # no new network-input buffer per frame
+    # The network saw the training resize (antialiased bilinear, augment.to_tensor_resized) up to
+    # uint8 rounding; OpenCV INTER_AREA, used before, was off by up to 40/255 here (mean 1.9/255).
+    ref_in = to_tensor_resized(np.ascontiguousarray(full), *NET)
+    assert float((est._input[0] - ref_in).abs().max()) <= 1.0 / 255 + 1e-6
     assert set(est.timing) == {"preprocess_ms", "model_ms", "postprocess_ms"}
 
 
