@@ -11,7 +11,9 @@ from __future__ import annotations
 import pathlib
 import xml.etree.ElementTree as ET
 
-PROFILE = pathlib.Path(__file__).resolve().parents[1] / "config" / "fastdds_large_data.xml"
+from diffsql_ros.share import config_path
+
+PROFILE = config_path("fastdds_large_data.xml")
 _NS = "http://www.eprosima.com"
 
 

@@ -1,6 +1,7 @@
 """diffsql-bag-eval: bags replayed through the real depth node (a subprocess), scored like diffsql-eval."""
 import html.parser
 import json
+import os
 import pathlib
 import subprocess
 
@@ -75,6 +76,11 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
     lat = got["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["max"]
     assert "input_qos:=reliable" in " ".join(got["node"]["command"]) and got["node"]["exit_code"] == 0
+    assert "points.rgb:=true" in got["node"]["command"]  # the report's cloud in the camera's colours
+    # Local replay over the large-data profile's shared memory only: nothing leaves the machine.
+    profile = pathlib.Path(got["node"]["fastdds_profile"]).read_text()
+    assert "<type>SHM</type>" in profile and "UDP" not in profile
+    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ  # only for the replay, then restored
     # the report: parses, and every picture it names exists and decodes
     srcs = []
 
