@@ -80,7 +80,9 @@ class DepthEstimator:
             # The training resize (augment.to_tensor_resized: bilinear, antialiased) run on uint8:
             # torch's SIMD path, within rounding of the float one; at 1242x375 -> 640x192 about
             # 0.8 ms against 2.2-2.9 ms for cv2 INTER_AREA, which differs from it by up to 40/255.
-            src = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+            # torch wants writable memory (a frame viewed on a ROS message is not): copy those.
+            rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else rgb.copy()
+            src = torch.from_numpy(rgb).permute(2, 0, 1)[None]
             small = F.interpolate(src, size=(h, w), mode="bilinear", antialias=True, align_corners=False)  # 1x3xhxw
         if self.device.type == "cpu":
             if resize:
