@@ -4,7 +4,8 @@
       image:=/camera/image_raw camera_info:=/camera/camera_info rviz:=true
 
 fastdds_profile:=<share>/config/fastdds_large_data.xml gives the node and rviz2 Fast DDS shared
-memory big enough for camera frames and clouds (see that file; the camera driver needs it too).
+memory big enough for camera frames and clouds, and the node asynchronous publication (see that
+file; the camera driver needs it too).
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
