@@ -54,13 +54,14 @@ def local_dds_environment():
     (KITTI replay p90 latency 91-105 ms against 106-383 ms without, three runs each). What the
     user set wins; the environment is restored afterwards."""
     saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE")}
+    tmp = tempfile.TemporaryDirectory(prefix="diffsql_dds_")  # one per replay: runs never share it
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     if not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
-        path = pathlib.Path(tempfile.gettempdir()) / f"diffsql_fastdds_shm_{os.getuid()}.xml"
-        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(shm_only(PROFILE, path))
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(shm_only(PROFILE, pathlib.Path(tmp.name) / "profile.xml"))
     try:
         yield
     finally:
+        tmp.cleanup()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

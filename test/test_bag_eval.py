@@ -77,10 +77,10 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["max"]
     assert "input_qos:=reliable" in " ".join(got["node"]["command"]) and got["node"]["exit_code"] == 0
     assert "points.rgb:=true" in got["node"]["command"]  # the report's cloud in the camera's colours
-    # Local replay over the large-data profile's shared memory only: nothing leaves the machine.
-    profile = pathlib.Path(got["node"]["fastdds_profile"]).read_text()
-    assert "<type>SHM</type>" in profile and "UDP" not in profile
-    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ  # only for the replay, then restored
+    # The replay ran under local_dds_environment's profile (tested below), which is gone after it.
+    used = pathlib.Path(got["node"]["fastdds_profile"])
+    assert used.name == "profile.xml" and used.parent.name.startswith("diffsql_dds_") and not used.exists()
+    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ
     # the report: parses, and every picture it names exists and decodes
     srcs = []
 
@@ -97,6 +97,22 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
         assert cv2.imread(str(work / "report" / s)) is not None, s
     # the depth picture is the node's depth: 64 x 192 like the bag's images
     assert cv2.imread(str(work / "report" / srcs[1])).shape == (64, 192, 3)
+
+
+def test_local_dds_environment_is_shared_memory_only_and_restored(monkeypatch):
+    from diffsql_ros.bag_eval import local_dds_environment
+
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    with local_dds_environment():
+        path = pathlib.Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"])
+        profile = path.read_text()
+        assert "<type>SHM</type>" in profile and "UDP" not in profile  # nothing leaves the machine
+        assert os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ and not path.exists()
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/robot/own.xml")
+    with local_dds_environment():  # a profile the user chose wins
+        assert os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] == "/robot/own.xml"
+    assert os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] == "/robot/own.xml"
 
 
 def test_rate_mode_keeps_recorded_timing_on_sqlite3_bag(work, bag_eval):
