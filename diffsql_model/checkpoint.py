@@ -70,24 +70,30 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str, path
         raise CheckpointError(f"{path}: {what} weights do not fit the model: " + " ".join(first)) from None
 
 
-def build_model(cfg):
-    """A `DiffSQLDepth` for the ModelConfig `cfg` (imported here: checkpoint.py stays light)."""
+def build_model(cfg, device=None, precision: str = "fp32", sd_seed: int | None = None):
+    """A `DiffSQLDepth` for the ModelConfig `cfg` on `device`, its frozen SD loaded there in the
+    run `precision`; `sd_seed` rebuilds random SD weights (imported here: checkpoint.py stays light)."""
     from .depth_net import DiffSQLDepth
 
-    return DiffSQLDepth(cfg)
+    model = DiffSQLDepth(cfg, sd_device=device, precision=precision, sd_seed=sd_seed)
+    return model.to(device) if device is not None else model
 
 
-# "sd_weights" in a checkpoint: "external" = the frozen SD VAE/UNet/null-text are not stored and
-# come from the SD folder at load time; "included" (or absent, older files) = all in "model".
-SD_EXTERNAL, SD_INCLUDED = "external", "included"
+# "sd_weights" in a checkpoint: the frozen SD VAE/UNet/null-text are never stored (3.7 GB for
+# v1.5): "external" = they come from the SD folder at load time, "seeded" = random weights rebuilt
+# from "sd_seed" and checked against "sd_fingerprint"; "included" (trainable SD, or older files)
+# = all in "model".
+SD_EXTERNAL, SD_SEEDED, SD_INCLUDED = "external", "seeded", "included"
+# The UNet output head, unused by the feature extractor and no longer built (older files have it).
+_REMOVED_SD_KEYS = ("sd.unet.conv_norm_out.", "sd.unet.conv_out.")
 
 
 def external_sd_keys(model: torch.nn.Module) -> list[str]:
-    """state_dict keys of `model` that a checkpoint can leave out: the frozen SD weights (VAE,
-    UNet, null-text buffer) when they were loaded from a folder that can load them again.
-    Trainable SD, or SD built from its config without a folder: nothing (else unrestorable)."""
+    """state_dict keys of `model` that a checkpoint leaves out: the frozen SD weights (VAE, UNet,
+    null-text buffer), loaded from a folder or built from a seed, both of which can make them
+    again. Trainable SD: nothing (its weights changed)."""
     sd = getattr(model, "sd", None)
-    if sd is None or not sd.frozen or not sd.cfg.pretrained_path:
+    if sd is None or not sd.frozen or not (sd.cfg.pretrained_path or sd.weights_seed is not None):
         return []
     # Everything under sd. except the trainable fusion convs.
     return [f"sd.{k}" for k in sd.state_dict() if not k.startswith("fusion.")]
@@ -99,27 +105,33 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
     omitted = external_sd_keys(model)
     skip = set(omitted)
     weights = {k: v for k, v in model.state_dict().items() if k not in skip}
-    return {"model": weights, "sd_weights": SD_EXTERNAL if omitted else SD_INCLUDED,
-            "sd_omitted_keys": omitted}
+    if not omitted:
+        return {"model": weights, "sd_weights": SD_INCLUDED, "sd_omitted_keys": []}
+    if model.sd.cfg.pretrained_path:
+        return {"model": weights, "sd_weights": SD_EXTERNAL, "sd_omitted_keys": omitted}
+    return {"model": weights, "sd_weights": SD_SEEDED, "sd_omitted_keys": omitted,
+            "sd_seed": model.sd.weights_seed, "sd_fingerprint": model.sd.weights_fingerprint}
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
     """Load a checkpoint's "model" into `model` strictly. With external SD weights the model must
     already hold SD from its folder: its SD keys must be exactly the recorded ones, and every
     other key must match (no missing, no unexpected, no shape mismatch)."""
-    if state.get("sd_weights", SD_INCLUDED) != SD_EXTERNAL:
-        load_state_strict(model, state["model"], "model", path)
+    weights = {k: v for k, v in state["model"].items() if not k.startswith(_REMOVED_SD_KEYS)}
+    if state.get("sd_weights", SD_INCLUDED) == SD_INCLUDED:
+        load_state_strict(model, weights, "model", path)
         return
-    recorded, have = list(state.get("sd_omitted_keys", [])), external_sd_keys(model)
+    recorded = [k for k in state.get("sd_omitted_keys", []) if not k.startswith(_REMOVED_SD_KEYS)]
+    have = external_sd_keys(model)
     if sorted(recorded) != sorted(have):
         diff = sorted(set(recorded) ^ set(have))[:5]
         raise CheckpointError(f"{path}: the SD folder's weights do not match the SD the checkpoint was "
                               f"trained with ({len(recorded)} keys recorded, {len(have)} in the folder's "
                               f"model; differing e.g. {diff})")
-    if set(recorded) & set(state["model"]):
-        raise CheckpointError(f"{path}: marked sd_weights=external but stores SD weights too")
+    if set(recorded) & set(weights):
+        raise CheckpointError(f"{path}: marked sd_weights={state['sd_weights']} but stores SD weights too")
     try:
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shape mismatches are raised even when strict=False
         first = str(e).splitlines()[:6]
         raise CheckpointError(f"{path}: model weights do not fit the model: " + " ".join(first)) from None
@@ -129,11 +141,13 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
                               f"unexpected {sorted(unexpected)[:8]}")
 
 
-def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_path=None):
+def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_path=None,
+               precision: str = "fp32"):
     """Rebuild the DepthNet from a checkpoint's stored `model_config`, load its weights strictly;
     returns (model in eval mode on `device`, ModelConfig). A checkpoint whose frozen SD weights are
     external loads them from `sd_path`, else from the stored `sd.pretrained_path` (the returned
-    config names the folder used). Every failure is a CheckpointError."""
+    config names the folder used), onto `device` in the dtypes of the run `precision`; seeded SD
+    is rebuilt from its seed. Every failure is a CheckpointError."""
     import dataclasses
 
     from .config import ModelConfig
@@ -159,11 +173,25 @@ def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_
                 f"(diffsql-eval/diffsql-bag-eval --sd-path, depth node parameter sd_path)")
         cfg = dataclasses.replace(cfg, sd=dataclasses.replace(cfg.sd, pretrained_path=str(folder)))
         build_cfg = dataclasses.replace(build_cfg, sd=cfg.sd)
-    elif cfg.sd.enabled and any(k.startswith("sd.unet.") for k in state["model"]):
-        build_cfg = dataclasses.replace(build_cfg, sd=dataclasses.replace(cfg.sd, pretrained_path=None))
+    elif cfg.sd.enabled:  # seeded or stored in the file: no folder, no random-weights refusal
+        build_cfg = dataclasses.replace(build_cfg, sd=dataclasses.replace(
+            cfg.sd, pretrained_path=None, allow_random_weights=True))
+    seed = state.get("sd_seed") if state.get("sd_weights") == SD_SEEDED else None
     try:
-        model = build_model(build_cfg)
+        model = build_model(build_cfg, device, precision, sd_seed=seed)
     except FileNotFoundError as e:  # SDFolderError: folder there but not a readable SD model
         raise CheckpointError(f"{path}: could not load the SD weights: {e}") from None
+    if seed is not None:
+        _check_fingerprint(model.sd.weights_fingerprint, state.get("sd_fingerprint"), path)
+    elif model.sd is not None and not cfg.sd.pretrained_path:
+        model.sd.weights_seed = None  # its weights come from the file, not from a seed
     load_model_state(model, state, path)
     return model.to(device).eval(), cfg
+
+
+def _check_fingerprint(rebuilt: float, recorded, path) -> None:
+    if recorded is None or abs(rebuilt - float(recorded)) > 1e-9 * max(1.0, abs(float(recorded))):
+        raise CheckpointError(
+            f"{path}: the random SD weights rebuilt from the stored seed differ from the ones trained "
+            f"with (fingerprint {rebuilt!r} vs {recorded!r}: another torch or diffusers version?); "
+            "this checkpoint cannot be restored here")

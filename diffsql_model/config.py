@@ -25,6 +25,9 @@ class SDConfig(YamlConfig):
     layer: str = "up0"  # SD block whose output tokens become the coarse queries H (section 3.2)
     frozen: bool = True
     channels: int = 128  # channels of the fused diffusion-augmented feature map
+    # A full-size SD without pretrained_path has no diffusion prior: an error unless asked for
+    # (benchmarks, sizing). The tiny test arch never has weights and needs no flag.
+    allow_random_weights: bool = False
 
     def __post_init__(self):
         if self.arch not in SD_ARCHS:
@@ -33,6 +36,17 @@ class SDConfig(YamlConfig):
             raise ConfigError(f"sd.layer must be one of {SD_LAYERS}, got {self.layer!r}")
         if self.timestep < 0:
             raise ConfigError("sd.timestep must be >= 0")
+
+
+def check_sd_weights(sd: SDConfig) -> None:
+    """Refuse a full-size SD that would run on random weights: days of GPU time without the
+    diffusion prior. Called when a config is loaded, before any data or weights are read."""
+    if sd.enabled and sd.arch != "tiny" and not sd.pretrained_path and not sd.allow_random_weights:
+        raise ConfigError(
+            f"sd.pretrained_path is not set: the SD {sd.arch} model would start from random weights. "
+            "Set sd.pretrained_path to a local diffusers Stable Diffusion folder (vae/, unet/, "
+            "optionally text_encoder/ + tokenizer/), e.g. --set model.sd.pretrained_path=/data/sd-v1-5, "
+            "or set sd.allow_random_weights: true for speed or memory measurements")
 
 
 @dataclasses.dataclass

@@ -14,9 +14,14 @@ from .query_layer import DynamicSelfQueryLayer
 class DiffSQLDepth(nn.Module):
     """forward(image B x 3 x H x W in [0, 1]) -> {"depth", "uncertainty"} (B x 1 x H x W, metres
     up to the model's scale) and "bin_centers" (B x D). Sides need not be multiples of 32: the
-    image is padded inside and the outputs cropped back."""
+    image is padded inside and the outputs cropped back.
 
-    def __init__(self, cfg: ModelConfig):
+    `sd_device` / `precision`: where and in which run precision the (frozen) SD modules are
+    loaded, so multi-GB weights go straight to the GPU in their final dtype; the rest is built
+    in fp32 on the CPU (move it with `.to(device)`, which keeps the SD dtypes)."""
+
+    def __init__(self, cfg: ModelConfig, sd_device=None, precision: str = "fp32",
+                 sd_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = ResNetEncoder(cfg.backbone, cfg.weights)
@@ -25,7 +30,7 @@ class DiffSQLDepth(nn.Module):
         if cfg.sd.enabled:
             from .sd_features import DiffusionFeatureExtractor  # heavy (diffusers): only when used
 
-            self.sd = DiffusionFeatureExtractor.from_config(cfg.sd)
+            self.sd = DiffusionFeatureExtractor.from_config(cfg.sd, sd_device, precision, sd_seed)
             sd_channels, token_channels = self.sd.out_channels, self.sd.token_channels
         self.decoder = UNetDecoder(self.encoder.num_ch_enc, cfg.model_dim, sd_channels)
         self.query_layer = DynamicSelfQueryLayer(

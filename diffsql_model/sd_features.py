@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import pathlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,101 +22,26 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from .config import SDConfig
+from .config import SDConfig, check_sd_weights
+from .device import sd_dtypes
 from .sd_fusion import STAGES, DiffusionFeatureFusion
+from .sd_weights import build_sd_modules, load_sd_folder, place, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
 CLIP_CONTEXT_LENGTH = 77  # SD v1.x prompt length, used for the zero conditioning fallback
 
-# The published SD v1.5 architecture (runwayml/stable-diffusion-v1-5 vae/ and unet/ configs).
-SD15_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-)
-SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-
-LAYOUT_HELP = (
-    "expected a local diffusers Stable Diffusion folder: <path>/vae/ and <path>/unet/ (each "
-    "config.json + diffusion_pytorch_model.safetensors or .bin), optionally <path>/text_encoder/ "
-    "+ <path>/tokenizer/ (CLIP) for the empty-prompt conditioning, e.g. a local copy of "
-    "stable-diffusion-v1-5"
-)
+def _autocast_off(device_type: str):
+    """Autocast disabled on this device (meta tensors, used for sizing, have no autocast)."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
-class SDFolderError(FileNotFoundError):
-    """The pretrained Stable Diffusion folder is missing or unreadable."""
-
-
-def build_sd_modules(arch: str, device=None) -> Tuple[AutoencoderKL, UNet2DConditionModel]:
-    """Randomly initialised (vae, unet) of `arch` ("v1.5" | "tiny"); device="meta" allocates nothing."""
-    from . import tiny_sd
-
-    configs = {"v1.5": (SD15_VAE_CONFIG, SD15_UNET_CONFIG),
-               "tiny": (tiny_sd.TINY_VAE_CONFIG, tiny_sd.TINY_UNET_CONFIG)}
-    if arch not in configs:
-        raise ValueError(f"unknown SD arch {arch!r}, expected one of {sorted(configs)}")
-    vae_cfg, unet_cfg = configs[arch]
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return AutoencoderKL(**vae_cfg), UNet2DConditionModel(**unet_cfg)
-
-
-@torch.no_grad()
-def null_text_embedding(text_encoder, tokenizer) -> torch.Tensor:
-    """CLIP last hidden state of the empty prompt padded to the context length: 1 x L x D."""
-    length = tokenizer.model_max_length
-    if not 0 < length <= 4096:  # tokenizers without a configured length report ~1e30
-        length = text_encoder.config.max_position_embeddings
-    ids = tokenizer([""], padding="max_length", max_length=length, truncation=True,
-                    return_tensors="pt").input_ids
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0].float().cpu()
-
-
-def _load(cls, folder: pathlib.Path, **kwargs):
-    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise SDFolderError(f"{folder} is missing; {LAYOUT_HELP}")
-    if not cls.__name__.endswith("Tokenizer"):
-        weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
-        if not weights:
-            raise SDFolderError(f"{folder} has no weights file; {LAYOUT_HELP}")
-        # fp16-only copies (variant "fp16") are accepted too; everything is loaded as float32 and
-        # callers choose the run precision with autocast or .to(dtype).
-        kwargs["variant"] = None if any(".fp16." not in n for n in weights) else "fp16"
-        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = torch.float32
-    try:
-        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - library errors vary; say which part failed
-        raise SDFolderError(f"could not load {folder}: {e}; {LAYOUT_HELP}") from e
-
-
-def load_sd_folder(path) -> Tuple[AutoencoderKL, UNet2DConditionModel, Optional[torch.Tensor]]:
-    """Load (vae, unet, null_text) from a local diffusers folder; null_text is None without CLIP."""
-    root = pathlib.Path(path).expanduser()
-    if not root.is_dir():
-        raise SDFolderError(f"Stable Diffusion folder {root} does not exist; {LAYOUT_HELP}")
-    vae = _load(AutoencoderKL, root / "vae")
-    unet = _load(UNet2DConditionModel, root / "unet")
-    null_text = None
-    if (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        text_encoder = _load(CLIPTextModel, root / "text_encoder")
-        tokenizer = _load(CLIPTokenizer, root / "tokenizer")
-        null_text = null_text_embedding(text_encoder.eval(), tokenizer)
-        del text_encoder  # only the empty-prompt embedding is ever needed
-    else:
-        log.warning("%s has no text_encoder/ + tokenizer/: conditioning the UNet on zeros "
-                    "instead of the empty-prompt CLIP embedding", root)
-    return vae, unet, null_text
+def _compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
 
 
 class _Recorder:
@@ -157,10 +81,18 @@ class DiffusionFeatureExtractor(nn.Module):
             raise ValueError("the SD UNet has no mid block; the 'latent' stage needs one")
         self.cfg = cfg
         self.frozen = cfg.frozen
-        self.timestep = cfg.timestep
-        # The decoder is never used (we only encode): dropping it saves ~50 M params in v1.5.
+        self.weights_seed: Optional[int] = None  # set when built from a seed (see from_config)
+        self.weights_fingerprint: Optional[float] = None
+        device = next(unet.parameters()).device
+        # A buffer, not a Python int: no host-to-device copy (and sync) per forward, and CUDA
+        # graphs can capture it. Not persistent: checkpoints keep their keys.
+        self.register_buffer("timestep", torch.tensor(cfg.timestep, dtype=torch.long, device=device),
+                             persistent=False)
+        # Only encoding is used: the VAE decoder (~50 M params in v1.5) and the UNet's output
+        # head go. The head must go for unfrozen SD: parameters without gradients break DDP.
         vae.decoder = None
         vae.post_quant_conv = None
+        unet.conv_norm_out, unet.conv_act, unet.conv_out = None, None, nn.Identity()
         self.vae, self.unet = vae, unet
         cross_dim = unet.config.cross_attention_dim
         if null_text is None:
@@ -170,7 +102,7 @@ class DiffusionFeatureExtractor(nn.Module):
         if null_text.dim() != 3 or null_text.shape[0] != 1 or null_text.shape[-1] != cross_dim:
             raise ValueError(f"null_text must be 1 x L x {cross_dim} (UNet cross_attention_dim), "
                              f"got {tuple(null_text.shape)}")
-        self.register_buffer("null_text", null_text.to(next(unet.parameters()).device))
+        self.register_buffer("null_text", null_text.to(device, unet.dtype))
 
         self.latent_factor = 2 ** _downsamplings(vae.encoder.down_blocks, "downsamplers")
         mid_stride = self.latent_factor * 2 ** _downsamplings(unet.down_blocks, "downsamplers")
@@ -214,17 +146,34 @@ class DiffusionFeatureExtractor(nn.Module):
         self.train(self.training)
 
     @classmethod
-    def from_config(cls, cfg: SDConfig, device=None) -> "DiffusionFeatureExtractor":
+    def from_config(cls, cfg: SDConfig, device=None, precision: str = "fp32",
+                    seed: Optional[int] = None) -> "DiffusionFeatureExtractor":
         """Load `cfg.pretrained_path` (local diffusers folder) or build `cfg.arch` with random
-        weights. device="meta" builds the architecture without allocating (sizing, shapes)."""
+        weights, straight onto `device`. Frozen SD is kept in the run `precision`'s dtypes
+        (`device.sd_dtypes`): autocast then never re-casts its weights; trainable SD stays fp32.
+        device="meta" builds the architecture without allocating (sizing, shapes). Random weights
+        come from `seed`, by default one draw from the caller's RNG (seeded runs reproduce)."""
+        dtypes = sd_dtypes(precision) if cfg.frozen else (torch.float32, torch.float32)
+        meta = device is not None and torch.device(device).type == "meta"
         if cfg.pretrained_path:
-            if device is not None and torch.device(device).type == "meta":
+            if meta:
                 raise ValueError("a pretrained SD folder cannot be loaded on the meta device")
-            vae, unet, null_text = load_sd_folder(cfg.pretrained_path)
+            vae, unet, null_text = load_sd_folder(cfg.pretrained_path, device, dtypes)
             return cls(cfg, vae, unet, null_text).to(device or "cpu")
-        vae, unet = build_sd_modules(cfg.arch, device)
+        if meta:
+            vae, unet = build_sd_modules(cfg.arch, "meta")
+            with torch.device("meta"):
+                return cls(cfg, vae, unet)
+        check_sd_weights(cfg)
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        vae, unet = build_sd_modules(cfg.arch, "cpu", seed)
+        fingerprint = weights_fingerprint(vae, unet)
+        vae, unet = place(vae, device, dtypes[0]), place(unet, device, dtypes[1])
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return cls(cfg, vae, unet)
+            ext = cls(cfg, vae, unet)
+        ext.weights_seed, ext.weights_fingerprint = seed, fingerprint
+        return ext
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -234,11 +183,23 @@ class DiffusionFeatureExtractor(nn.Module):
         return self
 
     def encode_latent(self, image: torch.Tensor) -> torch.Tensor:
-        """VAE latent of an image in [0, 1]: posterior mean x scaling_factor (B x 4 x H/8 x W/8)."""
-        x = image.to(self.vae.dtype) * 2.0 - 1.0
-        mean = self.vae.encode(x).latent_dist.mean  # the mean, not a sample: deterministic
+        """VAE latent of an image in [0, 1]: posterior mean x scaling_factor (B x 4 x H/8 x W/8),
+        float32. Runs in the VAE's own dtype whatever the caller's autocast: diffusers marks the SD
+        VAE force_upcast because its fp16 activations overflow to inf/NaN."""
+        with _autocast_off(image.device.type):
+            x = image.to(self.vae.dtype) * 2.0 - 1.0
+            mean = self.vae.encode(x).latent_dist.mean  # the mean, not a sample: deterministic
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (mean - shift) * self.vae.config.scaling_factor
+        return (mean.float() - shift) * self.vae.config.scaling_factor
+
+    def _run_unet(self, latent: torch.Tensor) -> None:
+        """One UNet pass filling the hooks. Frozen SD runs in its own (run) dtype without autocast;
+        trainable SD keeps fp32 weights and runs under the caller's autocast."""
+        own_dtype = _autocast_off(latent.device.type) if self.frozen else contextlib.nullcontext()
+        with own_dtype:
+            cond = self.null_text.to(self.unet.dtype).expand(latent.shape[0], -1, -1)
+            self.unet(latent.to(self.unet.dtype), self.timestep, encoder_hidden_states=cond,
+                      return_dict=False)
 
     def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         if image.dim() != 4 or image.shape[1] != 3:
@@ -254,12 +215,13 @@ class DiffusionFeatureExtractor(nn.Module):
             grad = torch.is_grad_enabled() and not self.frozen
             with torch.set_grad_enabled(grad):  # frozen: no activations kept for backward
                 latent = self.encode_latent(image)
-                cond = self.null_text.to(self.unet.dtype).expand(b, -1, -1)
-                self.unet(latent, self.timestep, encoder_hidden_states=cond, return_dict=False)
-            dtype = self.fusion.combine.weight.dtype
+                self._run_unet(latent)
+            # Hook outputs (SD dtype) go to the dtype the fusion convs compute in: the autocast
+            # dtype where autocast is on, else their weights' (fp32).
+            dtype = _compute_dtype(image.device.type, self.fusion.combine.weight.dtype)
             feats = {s: tuple([self._captured[n].to(dtype) for n in names] for names in pair)
                      for s, pair in self._stage_names.items()}
-            tokens = self._captured["tokens"]
+            tokens = self._captured["tokens"].to(dtype)
         finally:
             self._captured.clear()
 

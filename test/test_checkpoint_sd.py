@@ -1,5 +1,6 @@
-"""Checkpoints of SD models: frozen SD loaded from a folder is left out of the file and reloaded
-from the folder (or an `sd_path` override); trainable or folder-less SD stays in the file."""
+"""Checkpoints of SD models: frozen SD is never in the file: loaded from a folder it is reloaded
+from the folder (or an `sd_path` override), built at random it is rebuilt from its seed;
+trainable SD stays in the file."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ import yaml
 from PIL import Image
 
 from conftest import KITTI_RAW
-from diffsql_model.checkpoint import (SD_EXTERNAL, SD_INCLUDED, CheckpointError, build_model,
+from diffsql_model.checkpoint import (SD_EXTERNAL, SD_INCLUDED, SD_SEEDED, CheckpointError, build_model,
                                       load_checkpoint, load_model, model_state, save_checkpoint)
 from diffsql_model.presets import get_preset
 
@@ -116,23 +117,41 @@ def test_external_sd_checkpoint_still_loads_the_rest_strictly(tmp_path, tiny_sd_
         load_model(tmp_path / "other_sd.pt")
 
 
-@pytest.mark.parametrize("frozen, from_folder", [(False, True), (True, False)])
-def test_trainable_or_folderless_sd_keeps_its_weights(tmp_path, tiny_sd_dir, image, frozen, from_folder):
+def test_trainable_sd_keeps_its_weights(tmp_path, tiny_sd_dir, image):
     folder = tmp_path / "sd"
-    if from_folder:
-        shutil.copytree(tiny_sd_dir, folder)
-    model = tiny_model(folder if from_folder else None, frozen=frozen, seed=5)
-    if not frozen:  # a trained SD differs from its folder: the checkpoint must carry it
-        with torch.no_grad():
-            model.sd.unet.conv_in.weight.add_(0.5)
+    shutil.copytree(tiny_sd_dir, folder)
+    model = tiny_model(folder, frozen=False, seed=5)
+    with torch.no_grad():  # a trained SD differs from its folder: the checkpoint must carry it
+        model.sd.unet.conv_in.weight.add_(0.5)
     ckpt = save(model, tmp_path / "m.pt")
     state = load_checkpoint(ckpt)
     assert state["sd_weights"] == SD_INCLUDED and state["sd_omitted_keys"] == []
     assert set(state["model"]) == set(model.state_dict())
-    shutil.rmtree(folder, ignore_errors=True)  # not needed to load: everything is in the file
+    shutil.rmtree(folder)  # not needed to load: everything is in the file
     loaded, _ = load_model(ckpt)
     assert torch.equal(loaded.sd.unet.conv_in.weight, model.sd.unet.conv_in.weight)
     torch.testing.assert_close(depth(loaded, image), depth(model, image), rtol=0, atol=0)
+
+
+def test_frozen_random_sd_is_rebuilt_from_its_seed_not_stored(tmp_path, image):
+    model = tiny_model(None, frozen=True, seed=5)
+    ckpt = save(model, tmp_path / "m.pt")
+    state = load_checkpoint(ckpt)
+    assert state["sd_weights"] == SD_SEEDED and state["sd_seed"] == model.sd.weights_seed
+    assert not [k for k in state["model"] if k.startswith(SD_PREFIXES)]
+    assert set(state["sd_omitted_keys"]) | set(state["model"]) == set(model.state_dict())
+    other = tiny_model(None, frozen=True, seed=6)  # another global seed: other SD weights
+    assert other.sd.weights_seed != model.sd.weights_seed
+    assert not torch.equal(other.sd.unet.conv_in.weight, model.sd.unet.conv_in.weight)
+    loaded, _ = load_model(ckpt)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(depth(loaded, image), depth(model, image), rtol=0, atol=0)
+    # A rebuild that does not reproduce the weights (other library versions) is refused.
+    state["sd_fingerprint"] += 1.0
+    save_checkpoint(tmp_path / "drift.pt", state)
+    with pytest.raises(CheckpointError, match="rebuilt from the stored seed differ"):
+        load_model(tmp_path / "drift.pt")
 
 
 def test_training_checkpoint_and_optimizer_leave_frozen_sd_out_and_resume(tmp_path, tiny_sd_dir):

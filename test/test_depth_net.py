@@ -235,7 +235,7 @@ def test_export_program_matches_eager(tmp_path):
 def test_paper_model_v15_architecture():
     """The full diffsql_r50 (SD v1.5 architecture, random weights): sizes from PROTOCOLS.md."""
     torch.manual_seed(0)
-    cfg = get_preset("diffsql_r50", weights="none")
+    cfg = get_preset("diffsql_r50", weights="none", sd={"allow_random_weights": True})
     model = DiffSQLDepth(cfg).eval()
     unet_m = sum(p.numel() for p in model.sd.unet.parameters()) / 1e6
     assert abs(unet_m - 859.5) < 0.1

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffsql_model.config import SDConfig
-from diffsql_model.sd_features import (DiffusionFeatureExtractor, SDFolderError,
-                                       build_sd_modules, null_text_embedding)
+from diffsql_model.sd_features import DiffusionFeatureExtractor
+from diffsql_model.sd_weights import SDFolderError, build_sd_modules, null_text_embedding
 from diffsql_model.tiny_sd import build_tiny_sd_folder, build_tiny_unet, build_tiny_vae
 
 # Tiny UNet widths per level are (16, 24, 32, 40): mid and up_blocks[0] run at 40, up_blocks[1] at 32.

@@ -67,7 +67,7 @@ class ModelPredictions:
 
         from diffsql_model.checkpoint import load_model
         from diffsql_model.data.augment import to_tensor_resized
-        from diffsql_model.inference import resolve_device
+        from diffsql_model.device import resolve_device
 
         self.to_tensor = to_tensor_resized
         self.torch, self.frames, self.batch_size = torch, frames, max(1, batch_size)
@@ -204,7 +204,7 @@ class _BagModel:
         import torch
 
         from diffsql_model.checkpoint import load_model
-        from diffsql_model.inference import resolve_device
+        from diffsql_model.device import resolve_device
 
         self.torch, self.device = torch, resolve_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)

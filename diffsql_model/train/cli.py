@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import TrainConfig
+    from .config import TrainConfig, resolve_model_config
 
     try:
         cfg = TrainConfig.load_yaml(args.config).with_overrides(args.overrides)
+        resolve_model_config(cfg.model)  # model errors (e.g. SD without weights) before any data
     except ConfigError as e:
         print(f"diffsql-train: config error: {e}", file=sys.stderr)
         return 2

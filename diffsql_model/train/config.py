@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_sd_weights
+from ..device import PRECISIONS
 from ..losses import LossConfig
+from ..presets import get_preset
 from ..yaml_config import ConfigError, YamlConfig
 
 DATA_KINDS = ("kitti", "bag", "folder")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass
@@ -101,12 +102,17 @@ class RuntimeConfig(YamlConfig):
     image_every: int = 500  # steps between TensorBoard image grids; 0: never
     log_dir: str = "runs/train"  # output folder (checkpoints, TensorBoard, resolved config)
     progress: bool = True  # tqdm bar on rank 0
+    # Steps between the ranks' agreement on stopping (time budget, non-finite loss; also at every
+    # checkpoint / validation step and the last): the only steps that wait for the device.
+    sync_every: int = 10
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"runtime.precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"runtime.precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.checkpoint_every < 1:
             raise ConfigError("runtime.checkpoint_every must be >= 1")
+        if self.sync_every < 1:
+            raise ConfigError("runtime.sync_every must be >= 1")
 
 
 @dataclasses.dataclass
@@ -155,12 +161,13 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 def resolve_model_config(section: ModelSection) -> ModelConfig:
     """The ModelConfig a ModelSection describes (preset + overrides, or the full config)."""
     if section.config is not None:
-        return section.config
-    from ..presets import get_preset
-
-    base = get_preset(section.preset).to_dict()
-    merged: dict[str, Any] = _deep_merge(base, section.overrides or {})
-    try:
-        return ModelConfig.from_dict(merged)
-    except ConfigError as e:
-        raise ConfigError(f"model.overrides on preset {section.preset!r}: {e}") from None
+        cfg = section.config
+    else:
+        base = get_preset(section.preset).to_dict()
+        merged: dict[str, Any] = _deep_merge(base, section.overrides or {})
+        try:
+            cfg = ModelConfig.from_dict(merged)
+        except ConfigError as e:
+            raise ConfigError(f"model.overrides on preset {section.preset!r}: {e}") from None
+    check_sd_weights(cfg.sd)
+    return cfg
