@@ -1,6 +1,7 @@
 """Checkpoints: written atomically, read back with clear errors, carrying their model config."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import tempfile
@@ -8,11 +9,12 @@ from typing import Any
 
 import torch
 
+from .config import ModelConfig
+from .depth_net import DiffSQLDepth
+from .errors import CheckpointError
+from .yaml_config import ConfigError
+
 FORMAT = "diffsql-checkpoint-v1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or does not fit the model asked for."""
 
 
 def save_checkpoint(path: str | pathlib.Path, state: dict[str, Any]) -> pathlib.Path:
@@ -72,11 +74,8 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str, path
 
 def build_model(cfg, device=None, precision: str = "fp32", sd_seed: int | None = None):
     """A `DiffSQLDepth` for the ModelConfig `cfg` on `device`, its frozen SD loaded there in the
-    run `precision`; `sd_seed` rebuilds random SD weights (imported here: checkpoint.py stays light)."""
-    from .depth_net import DiffSQLDepth
-
-    model = DiffSQLDepth(cfg, sd_device=device, precision=precision, sd_seed=sd_seed)
-    return model.to(device) if device is not None else model
+    run `precision`; `sd_seed` rebuilds random SD weights."""
+    return DiffSQLDepth.from_config(cfg, device, precision, sd_seed)
 
 
 # "sd_weights" in a checkpoint: the frozen SD VAE/UNet/null-text are never stored (3.7 GB for
@@ -148,11 +147,6 @@ def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_
     external loads them from `sd_path`, else from the stored `sd.pretrained_path` (the returned
     config names the folder used), onto `device` in the dtypes of the run `precision`; seeded SD
     is rebuilt from its seed. Every failure is a CheckpointError."""
-    import dataclasses
-
-    from .config import ModelConfig
-    from .yaml_config import ConfigError
-
     state = load_checkpoint(path, map_location="cpu")
     try:
         cfg = ModelConfig.from_dict(state["model_config"])

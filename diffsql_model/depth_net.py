@@ -37,6 +37,13 @@ class DiffSQLDepth(nn.Module):
             cfg.model_dim, cfg.num_queries, cfg.num_bins, cfg.min_depth, cfg.max_depth,
             query_mode=cfg.query_mode, token_channels=token_channels, patch_size=cfg.patch_size)
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, precision: str = "fp32",
+                    sd_seed: int | None = None) -> "DiffSQLDepth":
+        """The model on `device` (default CPU), its frozen SD loaded there in the run `precision`."""
+        model = cls(cfg, sd_device=device, precision=precision, sd_seed=sd_seed)
+        return model.to(device) if device is not None else model
+
     def forward(self, image: torch.Tensor) -> dict:
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"expected an image batch B x 3 x H x W, got {tuple(image.shape)}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from diffsql_model.data.calib import load_kitti_calib, stereo_baseline
-from diffsql_model.data.synthetic import (SyntheticConfig, points_lidar, render_drive, write_kitti_layout,
-                                          write_split)
+from diffsql_model.data.synthetic import SyntheticConfig, render_drive
+from diffsql_model.data.synthetic_kitti import points_lidar, write_kitti_layout, write_split
 from diffsql_model.geometry import warp
 from diffsql_model.losses import photometric_error
 from diffsql_model.yaml_config import ConfigError
@@ -106,3 +106,47 @@ def test_kitti_layout_round_trip(drive, tmp_path):
     write_split(split, "2011_01_01", "2011_01_01_drive_0001_sync", [1, 2])
     assert split.read_text() == ("2011_01_01/2011_01_01_drive_0001_sync 1 l\n"
                                  "2011_01_01/2011_01_01_drive_0001_sync 2 l\n")
+
+
+def test_worlds_draw_varied_drives_and_demo_stays_the_default():
+    from diffsql_model.data.synthetic_worlds import DEVELOPMENT, HELD_OUT, WORLDS, drive_config
+
+    assert drive_config("demo", 3, width=320, height=96, num_frames=4) == CFG  # the demo's drives
+    assert set(DEVELOPMENT) | set(HELD_OUT) == set(WORLDS) and not set(DEVELOPMENT) & set(HELD_OUT)
+    cfgs = [drive_config("varied", s, width=64, height=32, num_frames=3) for s in range(12)]
+    assert drive_config("varied", 5, width=64, height=32, num_frames=3) == cfgs[5]  # a function of the seed
+    speeds = [c.speed / c.fps for c in cfgs]
+    assert 0.5 <= min(speeds) and max(speeds) <= 1.5 and max(speeds) - min(speeds) > 0.4
+    assert len({c.sky for c in cfgs}) == 3 and len({c.facades for c in cfgs}) >= 3
+    assert len({c.building_height for c in cfgs}) >= 2 and max(c.yaw_amplitude for c in cfgs) > 0.02
+    for world in HELD_OUT:  # every world renders and carries exact geometry
+        drive = render_drive(drive_config(world, 0, width=64, height=32, num_frames=2))
+        assert drive.rgb.std() > 10 and (drive.depth > 0).mean() > 0.5
+    with pytest.raises(ConfigError, match="unknown synthetic world"):
+        drive_config("mars", 0)
+
+
+def test_facade_styles_sky_and_heading_wobble_change_the_images():
+    base = dict(width=96, height=48, num_frames=3, seed=2)
+    plain = render_drive(SyntheticConfig(**base, facades=("noise",)))
+    grid = render_drive(SyntheticConfig(**base, facades=("windows",)))
+    assert np.array_equal(plain.depth, grid.depth) and not np.array_equal(plain.rgb, grid.rgb)
+    flat = render_drive(SyntheticConfig(**base, sky="flat"))
+    sky = flat.depth[0] == 0
+    assert sky.any() and (flat.rgb[0][sky] == flat.rgb[0][sky][0]).all()  # one colour
+    clouds = render_drive(SyntheticConfig(**base, sky="clouds"))
+    assert clouds.rgb[0][sky].std(0).max() > 5
+    wobble = render_drive(SyntheticConfig(**base, yaw_amplitude=0.05, yaw_period=6.0))
+    still = render_drive(SyntheticConfig(**base))
+    yaw = [np.arctan2(p[0, 2], p[0, 0]) for p in wobble.pose]
+    yaw0 = [np.arctan2(p[0, 2], p[0, 0]) for p in still.pose]
+    assert np.abs(np.subtract(yaw, yaw0)).max() > 0.02
+    with pytest.raises(ConfigError, match="facades"):
+        SyntheticConfig(facades=("brick",))
+
+
+def test_written_poses_read_back(tmp_path, drive):
+    from diffsql_model.data.synthetic_kitti import read_poses
+
+    paths = write_kitti_layout(drive, tmp_path, "2011_01_01", "2011_01_01_drive_0001_sync")
+    np.testing.assert_allclose(read_poses(paths["drive_dir"] / "poses.txt"), drive.pose, atol=1e-8)

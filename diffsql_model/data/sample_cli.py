@@ -24,9 +24,8 @@ import sys
 import time
 
 from diffsql_model.data.synthetic import SyntheticConfig, render_drive
-from diffsql_model.data.synthetic_kitti import points_lidar, write_kitti_layout, write_split
+from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, points_lidar, write_kitti_layout, write_split
 
-DATE = "2011_01_01"
 BASE_STAMP_S = 1_300_000_000  # recorded stamps of the synthetic bag start here (not at 0)
 KITTI_DATE, KITTI_DRIVE = "2011_09_26", "0001"
 TEST_DRIVE = f"{DATE}_drive_0200_sync"
@@ -60,11 +59,9 @@ def synthetic_drive_to_bag(drive, path: pathlib.Path, fmt: str) -> pathlib.Path:
 
 
 def build_synthetic(out: pathlib.Path, s: SampleSettings, log=print) -> dict:
-    """Training + validation drives exactly as the trainer's `synthetic_setup` makes them (what
+    """Training + validation drives exactly as `make_synthetic_kitti` makes them (what
     config/train/synthetic_lite.yaml is tuned on), plus a held-out test drive (own seed) with
     its split file and bag."""
-    from diffsql_model.train.synthetic_setup import make_synthetic_kitti
-
     root = out / "synthetic"
     t = time.monotonic()
     data = make_synthetic_kitti(root, train_seeds=tuple(s.seed + i for i in range(s.train_drives)),

@@ -18,7 +18,8 @@ import pathlib
 import cv2
 import numpy as np
 
-from .synthetic import T_VELO_TO_CAM, Drive
+from .synthetic import T_VELO_TO_CAM, Drive, render_drive
+from .synthetic_worlds import drive_config
 
 _BASE_TIME = datetime.datetime(2011, 1, 1, 12, 0, 0)
 
@@ -98,6 +99,7 @@ def write_kitti_layout(drive: Drive, root: str | pathlib.Path, date: str = "2011
                 raise OSError(f"could not write image for frame {i} under {drive_dir / cam}")
             png = np.round(np.clip(dep, 0, 65535 / 256.0) * 256.0).astype(np.uint16)
             cv2.imwrite(str(depth_dir / cam / f"{i:010d}.png"), png)
+    write_poses(drive_dir / "poses.txt", drive.pose)
     velo_dir = drive_dir / "velodyne_points"
     (velo_dir / "data").mkdir(parents=True, exist_ok=True)
     _write_timestamps(velo_dir, drive.stamps)
@@ -106,6 +108,48 @@ def write_kitti_layout(drive: Drive, root: str | pathlib.Path, date: str = "2011
             velo_dir / "data" / f"{i:010d}.bin")
     return {"raw": root / "raw", "date_dir": date_dir, "drive_dir": drive_dir,
             "depth_dir": depth_dir}
+
+
+def write_poses(path: pathlib.Path, poses: np.ndarray) -> None:
+    """Left camera-to-world poses, one 3x4 row-major matrix a line (KITTI odometry's format)."""
+    np.savetxt(path, poses[:, :3, :].reshape(len(poses), 12), fmt="%.9e")
+
+
+def read_poses(path: str | pathlib.Path) -> np.ndarray:
+    """N x 4 x 4 camera-to-world poses written by `write_poses`."""
+    rows = np.loadtxt(path, ndmin=2)
+    if rows.shape[1] != 12:
+        raise ValueError(f"{path}: expected 12 numbers a line (3x4 pose), got {rows.shape[1]}")
+    poses = np.tile(np.eye(4), (len(rows), 1, 1))
+    poses[:, :3, :] = rows.reshape(-1, 3, 4)
+    return poses
+
+
+DATE = "2011_01_01"
+
+
+def make_synthetic_kitti(root: str | pathlib.Path, train_seeds=(0, 1, 2, 3), val_seed: int = 100,
+                         num_frames: int = 24, width: int = 320, height: int = 96,
+                         val_frames: int = 8, world: str = "demo") -> dict[str, str]:
+    """Render `train_seeds` drives of `world` (all inner frames are training triplet centres,
+    left and right camera) and the held-out drive `val_seed` (its first `val_frames` frames are
+    validation frames). Returns the DataConfig fields: root, train_split, val_split, depth_root."""
+    root = pathlib.Path(root)
+    size = dict(width=width, height=height)
+    train_lines = []
+    for i, seed in enumerate(train_seeds):
+        name = f"{DATE}_drive_{i + 1:04d}_sync"
+        write_kitti_layout(render_drive(drive_config(world, seed, num_frames=num_frames, **size)),
+                           root, DATE, name)
+        train_lines += [f"{DATE}/{name} {f} {side}\n" for f in range(1, num_frames - 1) for side in "lr"]
+    val_name = f"{DATE}_drive_0999_sync"
+    drive = render_drive(drive_config(world, val_seed, num_frames=max(val_frames, 2), **size))
+    write_kitti_layout(drive, root, DATE, val_name)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    (root / "splits" / "train.txt").write_text("".join(train_lines))
+    write_split(root / "splits" / "val.txt", DATE, val_name, range(val_frames))
+    return {"root": str(root / "raw"), "train_split": str(root / "splits" / "train.txt"),
+            "val_split": str(root / "splits" / "val.txt"), "depth_root": str(root / "depth")}
 
 
 def write_split(path: str | pathlib.Path, date: str, drive_name: str, frames, side: str = "l") -> None:

@@ -9,7 +9,7 @@ import argparse
 import pathlib
 import sys
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from ..yaml_config import ConfigError
 
 
