@@ -1,0 +1,55 @@
+"""Relative pose error against ground truth (eval.pose_metrics), hand-computed, and the
+validation set that pairs synthetic drives' frames with their true poses."""
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from diffsql_model.data.synthetic_kitti import make_synthetic_kitti, read_poses
+from diffsql_model.eval.pose_metrics import relative_pose_errors
+from diffsql_model.pose_net import PoseNet
+from diffsql_model.train.pose_validation import PoseValidationSet, validate_pose
+
+
+def T(rotvec_deg=(0, 0, 0), t=(0, 0, 0)):
+    out = np.eye(4)
+    out[:3, :3] = Rotation.from_rotvec(np.radians(rotvec_deg)).as_matrix()
+    out[:3, 3] = t
+    return out
+
+
+def test_errors_match_a_hand_computed_case():
+    gt = [T(t=(0, 0, 1)), T(t=(0, 0, 1)), T(t=(0, 0, 0.5)), T()]
+    pred = [T((0, 10, 0), (0, 0, 2)),   # 10 deg off, same direction, twice as long
+            T(t=(0, 1, 1)),             # 45 deg off in direction, sqrt(2) as long
+            T(t=(0, 0, 1)),             # exact up to a factor 2
+            T((30, 0, 0), (1, 0, 0))]   # no true translation: rotation term only
+    e = relative_pose_errors(np.stack(pred), np.stack(gt))
+    assert e["pairs"] == 4
+    assert e["rotation_deg"] == pytest.approx((10 + 0 + 0 + 30) / 4)
+    assert e["translation_dir_deg"] == pytest.approx((0 + 45 + 0) / 3)
+    assert e["translation_scale"] == pytest.approx(2.0)  # median of (2, sqrt 2, 2)
+    assert e["translation_mag_err"] == pytest.approx((0 + (1 - math.sqrt(2) / 2) + 0) / 3)
+    exact = relative_pose_errors(np.stack(gt[:3]) * 1, np.stack(gt[:3]))
+    assert exact["rotation_deg"] == pytest.approx(0, abs=1e-6) and exact["translation_mag_err"] == 0
+    with pytest.raises(ValueError, match="4 x 4"):
+        relative_pose_errors(np.eye(3)[None], np.eye(3)[None])
+
+
+def test_pose_validation_pairs_frames_with_their_true_motion(tmp_path):
+    data = make_synthetic_kitti(tmp_path, train_seeds=(), val_seed=4, num_frames=4, width=96,
+                                height=32, val_frames=5, world="varied")
+    pose_set = PoseValidationSet(data["root"], data["val_split"], height=32, width=96)
+    assert len(pose_set) == 3  # frames 1-3 of 0-4 have both neighbours
+    folder = pose_set.dataset.lines[0][0]
+    poses = read_poses(pathlib.Path(data["root"]) / folder / "poses.txt")
+    np.testing.assert_allclose(pose_set.true_pose(0, -1), np.linalg.inv(poses[0]) @ poses[1], atol=1e-9)
+    np.testing.assert_allclose(pose_set.true_pose(0, 1), np.linalg.inv(poses[2]) @ poses[1], atol=1e-9)
+    torch.manual_seed(0)
+    metrics = validate_pose(PoseNet(18), pose_set, torch.device("cpu"))
+    assert metrics["pose_pairs"] == 6
+    assert 0 <= metrics["pose_rotation_deg"] < 180 and 0 <= metrics["pose_translation_dir_deg"] <= 180
+
