@@ -1,10 +1,13 @@
 """Single-image inference: uint8 RGB frame in, metric-or-relative depth + uncertainty out.
 
 Used by the ROS node and the demos; knows nothing about ROS. Buffers for the network input are
-allocated once per input size and reused, so a camera stream allocates only the outputs.
+allocated once per input size and reused, so a camera stream allocates only the outputs. On CUDA
+the raw frame goes up through a pinned staging buffer (reused while the frame size stays) and is
+resized on the GPU; the only synchronisation per frame is the one that waits for the result.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -13,26 +16,49 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEVICES = ("auto", "cpu", "cuda")
+from .device import PRECISIONS, resolve_device
+
+TIMING_KEYS = ("preprocess_ms", "model_ms", "postprocess_ms")
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error, not a fallback."""
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available")
-    return torch.device(device)
+def resize_to_unit(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """H x W x 3 uint8 frame on any device -> 1 x 3 x h x w float32 in [0, 1] on that device.
+
+    The training resize (augment.to_tensor_resized: / 255, bilinear antialiased, clamp) in float:
+    CUDA has no uint8 antialiased kernel, and float is what training did."""
+    x = frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp_(0.0, 1.0)
+
+
+@contextlib.contextmanager
+def cuda_math_mode(tf32: bool):
+    """cuDNN autotuning on, fp32 matmuls and convolutions in TF32 (`tf32`) or IEEE fp32, for the
+    block only, then the caller's settings back: the flags are process-wide, and other code in
+    the process (training, tests) must keep its own. Uses the fp32_precision API of torch >= 2.9
+    (the allow_tf32 flags are its legacy form; mixing both makes torch raise)."""
+    matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
+    old = (matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark)
+    mode = "tf32" if tf32 else "ieee"
+    matmul.fp32_precision = conv.fp32_precision = mode
+    cudnn.benchmark = True  # one fixed input size: the autotuned algorithms are found once
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark = old
 
 
 class DepthEstimator:
-    """Wraps a DiffSQLDepth-like model (image B3HW in [0,1] -> dict with depth/uncertainty B1HW)."""
+    """Wraps a DiffSQLDepth-like model (image B3HW in [0,1] -> dict with depth/uncertainty B1HW).
+
+    tf32: on CUDA devices of compute capability >= 8.0 (Ampere and newer), fp32 matmuls and
+    convolutions run on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation); False
+    keeps IEEE fp32 for both. No effect on CPU or older GPUs (`self.tf32` says what applies)."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: str = "cpu", precision: str = "fp32",
-                 input_size: Optional[tuple[int, int]] = None):
+                 input_size: Optional[tuple[int, int]] = None, tf32: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
@@ -47,20 +73,29 @@ class DepthEstimator:
         self.net_size = (int(h), int(w))
         self.model = model.to(self.device).eval()
         self._autocast = precision != "fp32"
-        # Reused per-frame buffers: the float network input 1x3xHxW; on CUDA the network-size
-        # uint8 frame, pinned for the async host-to-device copy; on CPU uint8 planes.
+        self.cuda = self.device.type == "cuda"
+        self.tf32 = bool(tf32) and self.cuda and torch.cuda.get_device_capability(self.device) >= (8, 0)
+        # The float network input 1x3xhxw, reused; on CPU also uint8 planes for the split.
         self._input = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
-        if self.device.type == "cpu":
+        if self.cuda:
+            self._staging = self._frame = None  # camera-sized, made at the first frame of a size
+            self._out_host = torch.empty(2 * h * w, dtype=torch.float32, pin_memory=True)
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        else:
             self._input_np = self._input.numpy()
             self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
-        else:
-            self._resized = torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=True)
-            self._resized_np = self._resized.numpy()
-        self.timing = {"preprocess_ms": 0.0, "model_ms": 0.0, "postprocess_ms": 0.0}
+        self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
+        self.warmup_ms: Optional[float] = None
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def warmup(self, frame_shape: Optional[tuple[int, int]] = None) -> float:
+        """One inference on a black frame (default: network size), so the first camera frame does
+        not pay cuDNN autotuning, CUDA context and allocator growth. Eval mode: no state changes,
+        later results are the same. Returns (and keeps in `warmup_ms`) its wall time."""
+        h, w = frame_shape or self.net_size
+        t = time.perf_counter()
+        self.predict(np.zeros((h, w, 3), np.uint8))
+        self.warmup_ms = (time.perf_counter() - t) * 1e3
+        return self.warmup_ms
 
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,9 +108,33 @@ class DepthEstimator:
         H, W = rgb.shape[:2]
         if H < 2 or W < 2:
             raise ValueError(f"image too small: {H}x{W}")
+        if self.cuda:
+            with cuda_math_mode(self.tf32):
+                stacked = self._predict_cuda(rgb)  # a view on the pinned output buffer
+        else:
+            stacked = self._predict_cpu(rgb)  # a fresh array
+        t = time.perf_counter()
+        if (H, W) != self.net_size:
+            stacked = cv2.resize(stacked, (W, H), interpolation=cv2.INTER_LINEAR)  # h x w x 2
+            depth = np.ascontiguousarray(stacked[..., 0])  # faster than cv2.split for 2 channels
+            unc = np.ascontiguousarray(stacked[..., 1])
+        else:
+            # Two contiguous h x w planes of a fresh array (the pinned buffer is the next frame's).
+            depth, unc = stacked.copy() if self.cuda else stacked
+        self.timing["postprocess_ms"] += (time.perf_counter() - t) * 1e3
+        return depth, unc
+
+    def _forward(self) -> torch.Tensor:
+        """The network on `self._input` -> depth and uncertainty stacked, 2 x h x w float32: they
+        travel together (one copy; where the output is resized, one 2-channel resize)."""
+        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self._autocast):
+            out = self.model(self._input)
+        return torch.cat([out["depth"][0], out["uncertainty"][0]], 0).float()
+
+    def _predict_cpu(self, rgb: np.ndarray) -> np.ndarray:
         h, w = self.net_size
         t0 = time.perf_counter()
-        resize = (H, W) != (h, w)
+        resize = rgb.shape[:2] != (h, w)
         if resize:
             # The training resize (augment.to_tensor_resized: bilinear, antialiased) run on uint8:
             # torch's SIMD path, within rounding of the float one; at 1242x375 -> 640x192 about
@@ -83,40 +142,52 @@ class DepthEstimator:
             # torch wants writable memory (a frame viewed on a ROS message is not): copy those.
             rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else rgb.copy()
             src = torch.from_numpy(rgb).permute(2, 0, 1)[None]
-            small = F.interpolate(src, size=(h, w), mode="bilinear", antialias=True, align_corners=False)  # 1x3xhxw
-        if self.device.type == "cpu":
-            if resize:
-                torch.mul(small, 1.0 / 255.0, out=self._input)
-            else:
-                # HWC uint8 -> CHW float * 1/255 as SIMD plane splits and one float32 multiply per
-                # plane (bit-identical to the torch permute-copy, ~2x faster than its strided copy).
-                cv2.split(rgb, self._planes)
-                for c in range(3):
-                    np.multiply(self._planes[c], np.float32(1.0 / 255.0), out=self._input_np[0, c], casting="unsafe")
+            small = F.interpolate(src, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            torch.mul(small, 1.0 / 255.0, out=self._input)
         else:
-            if resize:  # into the pinned staging buffer of the async copy
-                self._resized.copy_(small[0].permute(1, 2, 0))
-            else:
-                np.copyto(self._resized_np, rgb)
-            src = self._resized.to(self.device, non_blocking=True)  # h x w x 3 uint8
-            self._input.copy_(src.permute(2, 0, 1).unsqueeze(0)).mul_(1.0 / 255.0)
-            self._sync()
+            # HWC uint8 -> CHW float * 1/255 as SIMD plane splits and one float32 multiply per
+            # plane (bit-identical to the torch permute-copy, ~2x faster than its strided copy).
+            cv2.split(rgb, self._planes)
+            for c in range(3):
+                np.multiply(self._planes[c], np.float32(1.0 / 255.0), out=self._input_np[0, c], casting="unsafe")
         t1 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self._autocast):
-            out = self.model(self._input)
-        # 2 x h x w: depth and uncertainty travel together, one copy and one resize.
-        stacked = torch.cat([out["depth"][0], out["uncertainty"][0]], 0).float()
+        stacked = self._forward()
         if resize:
-            stacked = stacked.permute(1, 2, 0).contiguous()  # h x w x 2: one 2-channel resize
-        stacked = stacked.cpu().numpy()
+            stacked = stacked.permute(1, 2, 0).contiguous()  # h x w x 2 for cv2.resize
+        stacked = stacked.numpy()
         t2 = time.perf_counter()
-        if resize:
-            stacked = cv2.resize(stacked, (W, H), interpolation=cv2.INTER_LINEAR)
-            depth = np.ascontiguousarray(stacked[..., 0])  # faster than cv2.split for 2 channels
-            unc = np.ascontiguousarray(stacked[..., 1])
-        else:
-            depth, unc = stacked  # two contiguous h x w planes of a fresh array: no copy
-        t3 = time.perf_counter()
-        self.timing = {"preprocess_ms": (t1 - t0) * 1e3, "model_ms": (t2 - t1) * 1e3,
-                       "postprocess_ms": (t3 - t2) * 1e3}
-        return depth, unc
+        self.timing = {"preprocess_ms": (t1 - t0) * 1e3, "model_ms": (t2 - t1) * 1e3, "postprocess_ms": 0.0}
+        return stacked
+
+    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
+        """The raw frame into the pinned staging buffer, then an async copy to the GPU (both
+        reused while the frame size stays). The staging buffer is free again here: the previous
+        frame's result was waited for, and its upload came before it on the same stream."""
+        if self._staging is None or tuple(self._staging.shape[:2]) != rgb.shape[:2]:
+            self._staging = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+            self._staging_np = self._staging.numpy()
+            self._frame = torch.empty(rgb.shape, dtype=torch.uint8, device=self.device)
+        np.copyto(self._staging_np, rgb)  # reads strided and read-only views (ROS messages) too
+        return self._frame.copy_(self._staging, non_blocking=True)
+
+    def _predict_cuda(self, rgb: np.ndarray) -> np.ndarray:
+        """Timed with CUDA events on the device's stream; the one wait is for the result. The GPU
+        is idle at the first event (the last frame was waited for), so the preprocess time runs
+        from the host's start, staging copy included."""
+        stream = torch.cuda.current_stream(self.device)
+        ev = self._events
+        resize = rgb.shape[:2] != self.net_size
+        ev[0].record(stream)
+        frame = self._upload(rgb)  # H x W x 3 uint8 on the GPU
+        self._input.copy_(resize_to_unit(frame, self.net_size))
+        ev[1].record(stream)
+        stacked = self._forward()
+        stacked = (stacked.permute(1, 2, 0) if resize else stacked).contiguous()
+        ev[2].record(stream)
+        out = self._out_host.view(stacked.shape)
+        out.copy_(stacked, non_blocking=True)
+        ev[3].record(stream)
+        ev[3].synchronize()  # the result is needed on the host now
+        self.timing = {"preprocess_ms": ev[0].elapsed_time(ev[1]), "model_ms": ev[1].elapsed_time(ev[2]),
+                       "postprocess_ms": ev[2].elapsed_time(ev[3])}
+        return out.numpy()

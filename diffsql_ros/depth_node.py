@@ -24,7 +24,8 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from diffsql_model.checkpoint import CheckpointError, load_model
 from diffsql_model.data.image_msgs import compressed_to_rgb8, image_to_rgb8
 from diffsql_model.data.pairing import StampPairer, stamp_ns
-from diffsql_model.inference import DepthEstimator, resolve_device
+from diffsql_model.device import resolve_device
+from diffsql_model.inference import DepthEstimator
 from diffsql_model.yaml_config import ConfigError
 from diffsql_ros.conversions import array_to_image, colorize_depth
 from diffsql_ros.node_params import PARAMETERS, declare_all, validate
@@ -75,12 +76,17 @@ class DepthNode(Node):
         if not s["checkpoint"]:
             raise CheckpointError("parameter 'checkpoint' is empty: pass the path of a DiffSQL checkpoint")
         device = resolve_device(s["device"])
-        model, cfg = load_model(s["checkpoint"], device, sd_path=s["sd_path"] or None)
+        # Frozen SD comes in the run precision's dtypes: autocast does not re-cast it every frame.
+        model, cfg = load_model(s["checkpoint"], device, sd_path=s["sd_path"] or None, precision=s["precision"])
         size = (s["input_height"], s["input_width"]) if s["input_height"] and s["input_width"] else None
-        self.estimator = DepthEstimator(model, cfg, str(device), s["precision"], size)
+        self.estimator = DepthEstimator(model, cfg, str(device), s["precision"], size, tf32=s["tf32"])
+        # Before the subscriptions: the first camera frame must not pay cuDNN autotuning and
+        # allocator growth (seconds for SD on a GPU).
+        warmup_ms = self.estimator.warmup()
         self.get_logger().info(
             f"loaded {s['checkpoint']} ({cfg.backbone}, network input {self.estimator.net_size}) "
-            f"on {device} in {s['precision']}")
+            f"on {device} in {s['precision']}{' with TF32' if self.estimator.tf32 else ''}; "
+            f"warm-up inference {warmup_ms:.0f} ms")
         self.scaler = ScaleEstimator(self._scale_config(s))
         self.clouds = PointCloudBuilder()
         self.infos = StampPairer(capacity=32, tolerance_ns=int(s["camera_info_tolerance"] * 1e9))
@@ -258,6 +264,7 @@ class DepthNode(Node):
                       "received frames": str(self.received), "processed frames": str(self.processed),
                       "dropped frames": str(self.slot.dropped), "bad frames": str(self.bad_frames),
                       "device": str(self.estimator.device), "precision": self.estimator.precision,
+                      "tf32": str(self.estimator.tf32).lower(),
                       "scale": f"{self.last_scale:.4f}"}
         values.update({f"{k} (ms)": f"{v:.2f}" for k, v in stages.items()})
         status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: depth inference",

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from diffsql_model.inference import DEVICES, PRECISIONS
+from diffsql_model.device import DEVICES, PRECISIONS
 from diffsql_model.yaml_config import ConfigError
 from diffsql_ros.scale import SCALE_MODES, ScaleConfig
 
@@ -33,6 +33,8 @@ PARAMETERS = (
           "weights; empty = the folder the checkpoint was trained with", read_only=True),
     Param("device", "auto", "auto (cuda when available), cuda or cpu", DEVICES, read_only=True),
     Param("precision", "fp32", "fp32, fp16 (CUDA only) or bf16 autocast", tuple(PRECISIONS), read_only=True),
+    Param("tf32", True, "CUDA, compute capability 8.0+ (Ampere and newer): fp32 matmuls and convolutions on "
+          "TF32 tensor cores; false = IEEE fp32. No effect on CPU", read_only=True),
     Param("input_height", 0, "network input height, multiple of 32; 0 = the checkpoint's", range=(0, 2048, 32),
           read_only=True),
     Param("input_width", 0, "network input width, multiple of 32; 0 = the checkpoint's", range=(0, 4096, 32),
@@ -94,6 +96,8 @@ def validate(values: dict) -> None:
     for p in PARAMETERS:
         if p.choices and values[p.name] not in p.choices:
             raise ConfigError(f"parameter {p.name} must be one of {p.choices}, got {values[p.name]!r}")
+        if isinstance(p.default, bool) and not isinstance(values[p.name], bool):
+            raise ConfigError(f"parameter {p.name} must be true or false, got {values[p.name]!r}")
     if values["min_depth"] >= values["max_depth"]:
         raise ConfigError(f"need min_depth < max_depth, got {values['min_depth']} >= {values['max_depth']}")
     if values["points.min_range"] > values["points.max_range"]:

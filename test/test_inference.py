@@ -1,0 +1,102 @@
+"""DepthEstimator on the CPU: the start-up warm-up leaves results unchanged, timing, the CUDA
+branch's preprocessing math (run here on CPU tensors) against the CPU path, the scoped CUDA math
+flags, and the node's tf32 parameter. The CUDA branch itself runs in test_cuda.py."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import KITTI_RAW
+from diffsql_model.data.augment import to_tensor_resized
+from diffsql_model.depth_net import DiffSQLDepth
+from diffsql_model.inference import TIMING_KEYS, DepthEstimator, cuda_math_mode, resize_to_unit
+from diffsql_model.presets import get_preset
+from diffsql_model.yaml_config import ConfigError
+
+FRAME = KITTI_RAW / "2011_09_26/2011_09_26_drive_0023_sync/image_02/data/0000000000.png"
+NET = (96, 320)
+
+
+@pytest.fixture(scope="module")
+def lite():
+    torch.manual_seed(0)
+    cfg = get_preset("lite", height=NET[0], width=NET[1])
+    return DiffSQLDepth(cfg).eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """A 375 x 1242 KITTI frame as a flipped (strided) view, as frames viewed on ROS messages
+    are not plain arrays, and a network-sized copy (the branch without resize)."""
+    full = cv2.imread(str(FRAME))[..., ::-1]
+    small = np.ascontiguousarray(cv2.resize(full, NET[::-1], interpolation=cv2.INTER_AREA))
+    return full, small
+
+
+def test_warmup_leaves_results_unchanged(lite, frames):
+    model, cfg = lite
+    cold = DepthEstimator(model, cfg)
+    reference = [cold.predict(f) for f in frames]
+    warm = DepthEstimator(model, cfg)
+    ms = warm.warmup()
+    assert ms > 0 and warm.warmup_ms == ms
+    warm.warmup(frames[0].shape[:2])  # at a camera size too
+    for frame, (ref_d, ref_u) in zip(frames, reference):
+        depth, unc = warm.predict(frame)
+        assert depth.shape == frame.shape[:2]
+        np.testing.assert_array_equal(depth, ref_d)
+        np.testing.assert_array_equal(unc, ref_u)
+    assert tuple(warm.timing) == TIMING_KEYS
+    assert all(v >= 0 for v in warm.timing.values()) and warm.timing["model_ms"] > 0
+
+
+def test_cuda_preprocessing_math_matches_the_cpu_path(lite, frames):
+    """resize_to_unit is what the CUDA branch runs on the uploaded frame; here on CPU tensors."""
+    model, cfg = lite
+    est = DepthEstimator(model, cfg)
+    full, small = frames
+    est.predict(full)  # the CPU path's network input stays in est._input
+    on_device = resize_to_unit(torch.from_numpy(full.copy()), NET)
+    assert on_device.shape == (1, 3, *NET) and on_device.dtype == torch.float32 and on_device.is_contiguous()
+    # The CPU path resizes uint8 and rounds; the CUDA one resizes float: within one grey level.
+    diff = (on_device - est._input).abs()
+    assert float(diff.max()) <= 1.0 / 255 + 1e-6 and float(diff.mean()) < 0.3 / 255
+    # It is the training resize itself.
+    torch.testing.assert_close(on_device[0], to_tensor_resized(np.ascontiguousarray(full), *NET),
+                               rtol=0, atol=1e-6)
+    est.predict(small)
+    plain = resize_to_unit(torch.from_numpy(small), NET)  # network-sized: no resize, / 255 only
+    torch.testing.assert_close(plain, est._input, rtol=0, atol=1e-7)
+
+
+def test_cuda_math_mode_is_scoped_and_restores_the_callers_flags():
+    matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
+    before = (matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark)
+    for tf32, mode in ((True, "tf32"), (False, "ieee")):
+        with cuda_math_mode(tf32):
+            assert (matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark) == (mode, mode, True)
+        assert (matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark) == before
+    with pytest.raises(KeyError):  # a failed frame restores them too
+        with cuda_math_mode(True):
+            raise KeyError("frame")
+    assert (matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark) == before
+
+
+def test_tf32_applies_only_on_cuda(lite):
+    model, cfg = lite
+    assert DepthEstimator(model, cfg, device="cpu", tf32=True).tf32 is False
+
+
+def test_node_tf32_parameter_is_a_read_only_bool_and_validated():
+    pytest.importorskip("rclpy")
+    from diffsql_ros.node_params import PARAMETERS, validate
+
+    params = {p.name: p for p in PARAMETERS}
+    assert params["tf32"].default is True and params["tf32"].read_only
+    values = {p.name: p.default for p in PARAMETERS}
+    validate(values)
+    for bad in ("true", 1, None):
+        with pytest.raises(ConfigError, match="tf32 must be true or false"):
+            validate({**values, "tf32": bad})
