@@ -1,18 +1,24 @@
-"""DepthNet speed per preset: parameters, forward latency (median), peak memory, fp32 and bf16.
+"""DepthNet speed per preset: parameters, forward latency (median), FPS, peak memory, per precision.
 
     python bench/model_speed.py                      # all presets, CPU, tiny SD, 192x640
     python bench/model_speed.py --device cuda --sd-arch v1.5 --runs 10 --precisions fp32 fp16 bf16
-Weights are random (speed does not depend on them). SD presets use the tiny SD on CPU unless
---sd-arch v1.5 is given. Peak memory: CUDA allocator peak on GPU; on CPU the rise of the
+Weights are random (speed does not depend on them); full-size SD presets set
+sd.allow_random_weights. SD presets use the tiny SD on CPU unless --sd-arch v1.5 is given. Each
+precision builds its own model as the node loads it: frozen SD in the precision's dtypes
+(device.sd_dtypes), the rest fp32 under autocast; on CUDA with the node's math settings (cuDNN
+autotuning, TF32 unless --no-tf32). Latency: wall time of one forward, the GPU synchronised
+before and after. Peak memory: CUDA allocator peak on GPU; on CPU the rise of the
 process's peak RSS (VmHWM, reset before the timed runs) over its RSS before them, with
 glibc's mmap threshold fixed so freed tensors leave RSS: activation memory of one forward.
-Prints a markdown table last.
+Prints a markdown table last; --json writes the rows for bench/gpu_table.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import json
 import os
 import pathlib
 import statistics
@@ -22,7 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
+from diffsql_model.checkpoint import build_model  # noqa: E402
+from diffsql_model.inference import cuda_math_mode  # noqa: E402
 from diffsql_model.presets import PRESETS, get_preset  # noqa: E402
 
 
@@ -60,16 +67,19 @@ class PeakMemory:
             self.mb = (_status_kb("VmHWM") - self.base) / 1024
 
 
-def measure(model, image, device, dtype, runs):
+def measure(model, image, device, dtype, runs, tf32=True):
     """Median forward latency (ms) and peak memory rise (MB) under autocast(dtype) or fp32."""
+    cuda = device.type == "cuda"
+
     def forward():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
+                cuda_math_mode(tf32) if cuda else contextlib.nullcontext():
             out = model(image)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)  # a benchmark: the wall time of the whole forward
         return out
 
-    out = forward()  # warm-up: one-time allocations (kernel caches, lazy buffers) stay outside
+    out = forward()  # warm-up: cuDNN autotuning, one-time allocations stay outside
     ok = all(torch.isfinite(v.float()).all() for v in out.values())
     del out
     times = []
@@ -79,6 +89,32 @@ def measure(model, image, device, dtype, runs):
             forward()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times), mem.mb, ok
+
+
+def bench_preset(name, args, device, precisions, sd_arch) -> dict:
+    """One preset: a model per precision (frozen SD in that precision's dtypes), same weights."""
+    cfg = get_preset(name, weights="none", height=args.height, width=args.width)
+    if cfg.sd.enabled:
+        cfg = dataclasses.replace(cfg, sd=dataclasses.replace(cfg.sd, arch=sd_arch or cfg.sd.arch,
+                                                              allow_random_weights=True))
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    image = torch.rand(args.batch, 3, args.height, args.width, device=device)
+    res = {}
+    for p in precisions:
+        torch.manual_seed(0)
+        model = build_model(cfg, device, precision=p).eval()
+        params = sum(t.numel() for t in model.parameters()) / 1e6
+        trainable = sum(t.numel() for t in model.parameters() if t.requires_grad) / 1e6
+        res[p] = measure(model, image, device, dtypes[p], args.runs, not args.no_tf32)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    sd = f"{cfg.sd.arch}/{cfg.sd.layer}" if cfg.sd.enabled else "off"
+    return {"preset": name, "backbone": cfg.backbone, "sd": sd, "queries": cfg.query_mode,
+            "params_M": params, "trainable_M": trainable, "batch": args.batch,
+            "results": {p: {"ms": ms, "fps": 1e3 * args.batch / ms, "peak_MB": mb, "finite": bool(ok)}
+                        for p, (ms, mb, ok) in res.items()}}
 
 
 def main(argv=None):
@@ -94,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
                     help="autocast precisions (default: fp32 bf16; fp16 only on CUDA)")
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: IEEE fp32 matmuls and convolutions")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # A fixed mmap threshold makes glibc return every large tensor to the OS when freed
@@ -105,39 +143,34 @@ def main(argv=None):
     precisions = args.precisions or ["fp32", "bf16"]
     if device.type == "cpu" and "fp16" in precisions:
         ap.error("fp16 autocast is a CUDA path (CPU half convolutions are slow or missing)")
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     sd_arch = args.sd_arch or ("tiny" if device.type == "cpu" else None)
-    name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    if device.type == "cuda":
+        name_dev = f"{torch.cuda.get_device_name(device)}, TF32 {'off' if args.no_tf32 else 'on'}"
+    else:
+        name_dev = f"CPU, {args.threads} threads"
     print(f"# DepthNet forward, {args.batch} x 3 x {args.height} x {args.width}, {name_dev}, "
           f"median of {args.runs} runs, torch {torch.__version__}", flush=True)
     rows = []
     for name in args.presets:
-        cfg = get_preset(name, weights="none", height=args.height, width=args.width)
-        if cfg.sd.enabled and sd_arch:
-            cfg = dataclasses.replace(cfg, sd=dataclasses.replace(cfg.sd, arch=sd_arch))
-        torch.manual_seed(0)
-        model = DiffSQLDepth(cfg).to(device).eval()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        image = torch.rand(args.batch, 3, args.height, args.width, device=device)
-        res = {p: measure(model, image, device, dtypes[p], args.runs) for p in precisions}
-        sd = f"{cfg.sd.arch}/{cfg.sd.layer}" if cfg.sd.enabled else "off"
-        rows.append((name, cfg.backbone, sd, cfg.query_mode, params, trainable, res))
-        print(f"{name}: " + ", ".join(f"{k} {ms:.1f} ms {mb:.0f} MB{'' if ok else ' NON-FINITE'}"
-                                       for k, (ms, mb, ok) in res.items()), flush=True)
-        del model, image
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        row = bench_preset(name, args, device, precisions, sd_arch)
+        rows.append(row)
+        print(f"{name}: " + ", ".join(f"{p} {r['ms']:.1f} ms {r['peak_MB']:.0f} MB"
+                                       f"{'' if r['finite'] else ' NON-FINITE'}"
+                                       for p, r in row["results"].items()), flush=True)
+    if args.json:
+        meta = {"device": name_dev, "height": args.height, "width": args.width, "runs": args.runs,
+                "torch": torch.__version__}
+        pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print()
     print("| preset | backbone | SD | queries | params (M) | trainable (M) | "
-          + " | ".join(f"{p} ms | {p} fwd peak MB" for p in precisions) + " |")
-    print("|" + "---|" * (6 + 2 * len(precisions)))
-    for name, bb, sd, q, params, trainable, res in rows:
-        cells = " | ".join(f"{res[p][0]:.1f}{'' if res[p][2] else ' (non-finite!)'} | {res[p][1]:.0f}"
-                           for p in precisions)
-        print(f"| {name} | {bb} | {sd} | {q} | {params:.2f} | {trainable:.2f} | {cells} |")
-
+          + " | ".join(f"{p} ms | {p} FPS | {p} fwd peak MB" for p in precisions) + " |")
+    print("|" + "---|" * (6 + 3 * len(precisions)))
+    for row in rows:
+        res = row["results"]
+        cells = " | ".join(f"{res[p]['ms']:.1f}{'' if res[p]['finite'] else ' (non-finite!)'} | "
+                           f"{res[p]['fps']:.1f} | {res[p]['peak_MB']:.0f}" for p in precisions)
+        print(f"| {row['preset']} | {row['backbone']} | {row['sd']} | {row['queries']} | "
+              f"{row['params_M']:.2f} | {row['trainable_M']:.2f} | {cells} |")
 
 if __name__ == "__main__":
     main()
