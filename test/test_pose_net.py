@@ -1,10 +1,11 @@
-"""PoseNet shapes and the axis-angle transform against hand-built rotations."""
+"""PoseNet shapes, the axis-angle transform against hand-built rotations (in fp32 under autocast
+too), and the frame order of `relative_pose`."""
 import math
 
 import pytest
 import torch
 
-from diffsql_model.pose_net import PoseNet, transformation_from_parameters
+from diffsql_model.pose_net import PoseNet, relative_pose, transformation_from_parameters
 
 
 def test_zero_parameters_give_identity():
@@ -39,14 +40,33 @@ def test_posenet_shapes_small_outputs_and_gradients():
     assert axisangle.shape == (2, 3) and translation.shape == (2, 3)
     # The 0.01 output scale keeps the initial motion close to the identity.
     assert axisangle.abs().max() < 0.05 and translation.abs().max() < 0.05
-    T_fwd = net.relative_pose(a, b, 1)
-    T_back = net.relative_pose(a, b, -1)
+    T_fwd = relative_pose(net, a, b, 1)
+    T_back = relative_pose(net, a, b, -1)
     assert T_fwd.shape == T_back.shape == (2, 4, 4)
-    # A past source uses the inverted motion of (source, target).
+    # A future source: (target, source) in that order; a past one: the inverted motion of
+    # (source, target), so the earlier frame always goes first.
+    aa, tt = net(a, b)
+    assert torch.allclose(T_fwd, transformation_from_parameters(aa, tt), atol=1e-6)
     aa, tt = net(b, a)
     assert torch.allclose(T_back, transformation_from_parameters(aa, tt, invert=True), atol=1e-6)
     T_fwd.sum().backward()
     assert net.encoder[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_pose_is_composed_in_fp32_under_autocast(invert):
+    """The trainer calls this inside bf16 autocast: the matrices must still be fp32-exact."""
+    torch.manual_seed(0)
+    aa, t = torch.randn(8, 3) * 0.3, torch.randn(8, 3) * 10
+    ref = transformation_from_parameters(aa, t, invert=invert)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = transformation_from_parameters(aa, t, invert=invert)
+        # PoseNet outputs under autocast are bf16: cast up, then composed in fp32 as well.
+        out_low = transformation_from_parameters(aa.bfloat16(), t.bfloat16(), invert=invert)
+    assert out.dtype == out_low.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    ref_low = transformation_from_parameters(aa.bfloat16().float(), t.bfloat16().float(), invert=invert)
+    torch.testing.assert_close(out_low, ref_low, rtol=0, atol=1e-6)
 
 
 def test_posenet_rejects_bad_arguments():
