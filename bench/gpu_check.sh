@@ -139,23 +139,18 @@ define_stages() {
 
 plan() {
   echo "plan (each stage bounded by 'timeout'; worst case ~7.8 min in all):"
-  echo "  1. (20 s)  nvidia-smi --query-gpu=..., torch's view of the GPU"
+  echo "  1. (10 + 10 s) nvidia-smi --query-gpu=..., torch's view of the GPU"
   echo "  2. (170 s) ${TESTS[*]}"
   echo "  3. (120 s) ${SPEED[*]}"
   echo "  4. (140 s) ${TRAIN[*]}"
   echo "  5.         ${TABLE[*]} -> $1/table.md"
 }
 
-gpu_info() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.max.sm \
-    --format=csv || return 1
-  "$PY" -c "
-import torch
+TORCH_GPU='import torch
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
-    print(f'torch sees cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, '
-          f'{p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs; cuDNN {torch.backends.cudnn.version()}')"
-}
+    print(f"torch sees cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, "
+          f"{p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs; cuDNN {torch.backends.cudnn.version()}")'
 
 main() {
   local out=$1 t_start
@@ -171,7 +166,9 @@ main() {
   fi
   plan "$out"
   export PYTHONUNBUFFERED=1
-  stage "GPU" 20 gpu_info
+  stage "GPU" 10 nvidia-smi --format=csv \
+    --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.max.sm
+  stage "torch's GPU" 10 "$PY" -c "$TORCH_GPU"
   stage "CUDA tests" 170 "${TESTS[@]}"
   stage "forward speed" 120 "${SPEED[@]}"
   stage "training speed" 140 "${TRAIN[@]}"
@@ -184,6 +181,9 @@ main() {
   return "$FAILED"
 }
 
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+  return 0  # sourced (to test a function): define only
+fi
 if [ "${1:-}" = "--pack" ]; then
   pack
   exit
