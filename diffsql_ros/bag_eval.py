@@ -30,11 +30,12 @@ from typing import Optional
 
 import numpy as np
 
-from diffsql_model.data.bag_reader import decode_image
+from diffsql_model.data.bag_index import BagHandle
+from diffsql_model.data.bag_reader import BagError, decode_image
+from diffsql_model.data.lidar import LidarDepth, parse_extrinsic
 from diffsql_model.eval import metrics as M
 from diffsql_model.eval import protocols as P
-from diffsql_ros import bag_player as BP
-from diffsql_ros.bag_player import GroundTruth, parse_extrinsic
+from diffsql_ros.bag_player import BagTopics, Player, ReplayFrame, choose_topics, index_camera, schedule, stream_images
 from diffsql_ros.dds_profile import PROFILE, shm_only
 from diffsql_ros.share import config_path
 
@@ -131,11 +132,24 @@ def percentiles(values_ms: list) -> dict:
             "first": float(v[0])}
 
 
-def _rgb_of(frame: BP.CameraFrame) -> np.ndarray:
+def _rgb_of(frame: ReplayFrame) -> np.ndarray:
     return decode_image(frame.image, frame.image_type)  # the node's decoders, on the bag message
 
 
-def pick_samples(frames, truth: GroundTruth, n: int) -> list:
+def load_bag(args) -> tuple[BagTopics, list[ReplayFrame], dict, LidarDepth]:
+    """(topics, camera index, stamp -> (K, (width, height)), LiDAR ground truth) of the bag:
+    everything that can be wrong with it fails here, before the node starts."""
+    # closed after indexing; the ground truth's first read during the replay opens it again
+    with BagHandle(args.bag) as bag:
+        topics = choose_topics(bag.reader(), args.image_topic, args.camera_info_topic, args.lidar_topic)
+        frames = index_camera(bag.reader(), topics)
+        cameras = {f.stamp_ns: f.camera() for f in frames}
+        truth = LidarDepth.from_bag(bag, topics.lidar, frames[0].frame_id, parse_extrinsic(args.extrinsic),
+                                    args.lidar_tolerance)
+    return topics, frames, cameras, truth
+
+
+def pick_samples(frames, truth: LidarDepth, n: int) -> list:
     """Up to n frames spread over the bag, preferring frames that have a LiDAR scan."""
     if n <= 0:
         return []
@@ -145,6 +159,7 @@ def pick_samples(frames, truth: GroundTruth, n: int) -> list:
 
 
 def run(args) -> dict:
+    # ROS 2 (rclpy, message packages) only here: the rest of the module imports without it
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
@@ -152,11 +167,7 @@ def run(args) -> dict:
 
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    with BP.open_bag(args.bag) as reader:
-        topics = BP.choose_topics(reader, args.image_topic, args.camera_info_topic, args.lidar_topic)
-        frames = BP.index_camera(reader, topics)
-    truth = GroundTruth.from_bag(args.bag, topics, frames, extrinsic=parse_extrinsic(args.extrinsic),
-                                 tolerance_s=args.lidar_tolerance)
+    topics, frames, cameras, truth = load_bag(args)
     if args.max_frames:
         frames = frames[: args.max_frames]
     args.topics = topics
@@ -182,8 +193,8 @@ def run(args) -> dict:
 
         player_node = Node("diffsql_bag_player", context=context)
         image_topic = f"{ns}/image/compressed" if compressed else f"{ns}/image"
-        player = BP.Player(player_node, image_topic, f"{ns}/camera_info", topics.image_type)
-        evaluator = DepthEvaluator(ns, truth.depth_map, cfg, context=context)
+        player = Player(player_node, image_topic, f"{ns}/camera_info", topics.image_type)
+        evaluator = DepthEvaluator(ns, lambda stamp: truth.depth_map(stamp, *cameras[stamp]), cfg, context=context)
         executor.add_node(player_node)
         executor.add_node(evaluator)
         spin.start()
@@ -245,13 +256,13 @@ def run(args) -> dict:
     return summary
 
 
-def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args, keep=frozenset()):
+def _play(frames, player: Player, evaluator, node_proc: NodeProcess, args, keep=frozenset()):
     """Main pass: images streamed from the bag and published. Returns (frames published, all of
     them unless the node died; {stamp: frame with its image} for the stamps in `keep`)."""
     played, kept = [], {}
     t0 = None
-    stream = BP.stream_images(args.bag, args.topics, frames)
-    for i, ((frame, at), loaded) in enumerate(zip(BP.schedule(frames, args.rate), stream)):
+    stream = stream_images(args.bag, args.topics, frames)
+    for i, ((frame, at), loaded) in enumerate(zip(schedule(frames, args.rate), stream)):
         if not node_proc.alive():
             break
         t0 = time.monotonic() if t0 is None else t0  # the clock starts at the first publish
@@ -279,7 +290,7 @@ def _play(frames, player: BP.Player, evaluator, node_proc: NodeProcess, args, ke
     return played, kept
 
 
-def _sample_pass(samples, player: BP.Player, evaluator, node_proc: NodeProcess, args) -> list:
+def _sample_pass(samples, player: Player, evaluator, node_proc: NodeProcess, args) -> list:
     """Replay the sample frames with uncertainty and points subscribed; keep their outputs."""
     evaluator.watch_samples([f.stamp_ns for f in samples], args.startup_timeout)
     out = []
@@ -295,7 +306,7 @@ def _sample_pass(samples, player: BP.Player, evaluator, node_proc: NodeProcess, 
 
 def write_bag_report(summary: dict, out_dir: pathlib.Path) -> pathlib.Path:
     """index.html + PNGs for one replay; `summary['pictures']` becomes file names (JSON-able)."""
-    from diffsql_ros import report as R
+    from diffsql_ros import report as R  # imports sensor_msgs (ROS 2): only with --report
 
     rows = []
     pics = []
@@ -375,7 +386,7 @@ def main(argv=None) -> int:
     try:
         with local_dds_environment():
             summary = run(args)
-    except (BP.BagError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+    except (BagError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         print(f"diffsql-bag-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

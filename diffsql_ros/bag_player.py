@@ -3,7 +3,8 @@
 Messages keep their recorded headers (stamps, frame ids): the depth node must see what it would
 see on the robot. Bags are read with `rosbags.AnyReader` (ROS 1 `.bag`, ROS 2 sqlite3 / mcap
 folders); each message is copied field by field into the rclpy class of the same type, which
-also maps ROS 1 names (`K`, `P`, `header.seq`) onto ROS 2 ones.
+also maps ROS 1 names (`K`, `P`, `header.seq`) onto ROS 2 ones. The LiDAR ground truth of a
+replay is `diffsql_model.data.lidar.LidarDepth`, as for `diffsql-eval --protocol bag`.
 """
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from diffsql_model.data.bag_reader import (  # not bags.py: that imports torch
-    CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, BagError, camera_matrix, decode_pointcloud, info_topic_for,
-    iter_messages, lidar_depth_map, lookup_transform, open_bag, pick_topic, read_message_at,
-    read_static_transforms,
-)
-from diffsql_model.data.pairing import nearest_by_stamp, stamp_ns
+from diffsql_model.data.bag_reader import BagError, decoded, info_topic_for, open_bag, pick_topic, topic_messages
+from diffsql_model.data.bag_types import CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE
+from diffsql_model.data.pairing import stamp_ns
+from diffsql_model.data.ros_fields import camera_matrix, field
 
 # Preferred names when a bag holds several candidates: kitti2bag's left colour camera / LiDAR.
 PREFERRED = {
@@ -38,7 +37,9 @@ class BagTopics:
 
 
 @dataclasses.dataclass
-class CameraFrame:
+class ReplayFrame:
+    """One image of the bag as the player publishes it."""
+
     index: int
     log_ns: int  # recording time: drives the replay timing
     stamp_ns: int  # header stamp: pairs the node's depth with this frame and with a LiDAR scan
@@ -46,6 +47,11 @@ class CameraFrame:
     image_type: str
     info: object  # rosbags CameraInfo in effect for this frame
     frame_id: str = ""
+
+    def camera(self) -> tuple[np.ndarray, tuple[int, int]]:
+        """(3x3 camera matrix, (width, height)) of the image, from its CameraInfo."""
+        K = decoded(camera_matrix, self.info, "the bag", f"CameraInfo of image {self.index}")
+        return K, (int(self.info.width), int(self.info.height))
 
 
 def choose_topics(reader, image_topic=None, info_topic=None, lidar_topic=None) -> BagTopics:
@@ -59,16 +65,15 @@ def choose_topics(reader, image_topic=None, info_topic=None, lidar_topic=None) -
     return BagTopics(image, info_topic, lidar, image_type)
 
 
-def index_camera(reader, topics: BagTopics) -> list[CameraFrame]:
+def index_camera(reader, topics: BagTopics) -> list[ReplayFrame]:
     """Every image of the topic in recording order, each with the CameraInfo of the same stamp
     (or the latest one recorded before it), images themselves not kept: a long bag stays out of
     memory (`stream_images` reads them again while playing). An image with no CameraInfo yet
     is an error: the node could not project it."""
-    conns = [c for c in reader.connections if c.topic in (topics.image, topics.camera_info)]
     infos_by_stamp: dict[int, object] = {}
     latest_info = None
     images = []
-    for conn, log_ns, msg in iter_messages(reader, conns, reader.paths[0]):
+    for conn, log_ns, msg in topic_messages(reader, (topics.image, topics.camera_info), reader.paths[0]):
         if conn.topic == topics.camera_info:
             latest_info = msg
             infos_by_stamp[stamp_ns(msg.header)] = msg
@@ -79,17 +84,16 @@ def index_camera(reader, topics: BagTopics) -> list[CameraFrame]:
         info = infos_by_stamp.get(st, latest)
         if info is None:
             raise BagError(f"image {i} on {topics.image} (stamp {st}) has no CameraInfo on {topics.camera_info}")
-        frames.append(CameraFrame(i, log_ns, st, None, topics.image_type, info, frame_id))
+        frames.append(ReplayFrame(i, log_ns, st, None, topics.image_type, info, frame_id))
     if not frames:
         raise BagError(f"no messages on {topics.image}")
     return frames
 
 
-def stream_images(path, topics: BagTopics, frames: list[CameraFrame]) -> Iterator[CameraFrame]:
+def stream_images(path, topics: BagTopics, frames: list[ReplayFrame]) -> Iterator[ReplayFrame]:
     """The indexed frames again, in recording order, now with their image messages."""
     with open_bag(path) as reader:
-        conns = [c for c in reader.connections if c.topic == topics.image]
-        it = iter_messages(reader, conns, path)
+        it = topic_messages(reader, [topics.image], path)
         for frame in frames:
             _, _, msg = next(it, (None, None, None))
             if msg is None:
@@ -107,28 +111,25 @@ def _rclpy_class(msgtype: str):
 
 
 def _fill(dst, src):
-    for field, ftype in dst.get_fields_and_field_types().items():
-        # ROS 1 spells some fields in capitals (CameraInfo.K); ROS 1-only fields (seq) are skipped.
-        val = getattr(src, field, None)
-        if val is None:
-            val = getattr(src, field.upper(), None)
+    for name, ftype in dst.get_fields_and_field_types().items():
+        val = field(src, name, None)  # ROS 1 spellings (CameraInfo.K) too; ROS 1-only fields (seq) are left
         if val is None:
             continue
-        cur = getattr(dst, field)
+        cur = getattr(dst, name)
         if hasattr(cur, "get_fields_and_field_types"):
             _fill(cur, val)
         elif ftype.startswith("sequence<") and "/" in ftype:
             item_cls = type(cur[0]) if cur else _rclpy_class(ftype[9:-1].replace("/", "/msg/", 1))
-            setattr(dst, field, [_fill(item_cls(), v) for v in val])
+            setattr(dst, name, [_fill(item_cls(), v) for v in val])
         elif isinstance(val, np.ndarray):
             if ftype in ("sequence<uint8>",) or ftype.startswith("uint8["):
-                setattr(dst, field, val.tobytes())  # bytes: the fast path for big payloads
+                setattr(dst, name, val.tobytes())  # bytes: the fast path for big payloads
             elif "[" in ftype and not ftype.startswith("sequence"):
-                setattr(dst, field, val.astype(cur.dtype) if hasattr(cur, "dtype") else val.tolist())
+                setattr(dst, name, val.astype(cur.dtype) if hasattr(cur, "dtype") else val.tolist())
             else:
-                setattr(dst, field, val.tolist())
+                setattr(dst, name, val.tolist())
         else:
-            setattr(dst, field, val)
+            setattr(dst, name, val)
     return dst
 
 
@@ -140,10 +141,10 @@ def to_rclpy(msg, msgtype: str):
 # ----------------------------------------------------------------------------- publishing
 
 class Player:
-    """Publishes CameraFrames (CameraInfo first, then the image) from a given rclpy node."""
+    """Publishes ReplayFrames (CameraInfo first, then the image) from a given rclpy node."""
 
     def __init__(self, node, image_topic: str, info_topic: str, image_type: str, depth: int = 10):
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from rclpy.qos import QoSProfile, ReliabilityPolicy  # ROS 2 only to publish; reading bags needs none
 
         # Reliable: a depth node with either reliable or best-effort subscriptions accepts it.
         qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE)
@@ -162,7 +163,7 @@ class Player:
             time.sleep(0.05)
         return False
 
-    def publish(self, frame: CameraFrame, info_msg=None, image_msg=None) -> float:
+    def publish(self, frame: ReplayFrame, info_msg=None, image_msg=None) -> float:
         """Publish one frame; returns the monotonic publish time (what latency is measured from)."""
         info_msg = info_msg or to_rclpy(frame.info, INFO_TYPE)
         image_msg = image_msg or to_rclpy(frame.image, frame.image_type)
@@ -178,109 +179,9 @@ class Player:
             return self.publish_times.get(stamp)
 
 
-def schedule(frames: list[CameraFrame], rate: Optional[float]) -> Iterator[tuple[CameraFrame, float]]:
+def schedule(frames: list[ReplayFrame], rate: Optional[float]) -> Iterator[tuple[ReplayFrame, float]]:
     """(frame, seconds after start at which to publish it): recorded gaps divided by `rate`;
     rate None means as fast as possible (0 for every frame, the caller applies backpressure)."""
     t0 = frames[0].log_ns
     for f in frames:
         yield f, (0.0 if rate is None else (f.log_ns - t0) / 1e9 / rate)
-
-
-# ----------------------------------------------------------------------------- LiDAR ground truth
-
-def parse_extrinsic(text: Optional[str]) -> Optional[np.ndarray]:
-    """'x y z qx qy qz qw' or 12 / 16 row-major numbers -> 4x4 (LiDAR -> camera optical)."""
-    if not text:
-        return None
-    from scipy.spatial.transform import Rotation
-
-    try:
-        v = [float(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"--extrinsic must be numbers, got {text!r}") from None
-    T = np.eye(4)
-    if len(v) == 7:
-        T[:3, :3] = Rotation.from_quat(v[3:]).as_matrix()
-        T[:3, 3] = v[:3]
-    elif len(v) in (12, 16):
-        T[: len(v) // 4] = np.reshape(v, (-1, 4))
-    else:
-        raise ValueError(f"--extrinsic needs 7, 12 or 16 numbers, got {len(v)}")
-    return T
-
-
-class GroundTruth:
-    """The bag's LiDAR scans, turned into a depth map for any image stamp with the bag readers'
-    `lidar_depth_map` (the ground truth of `diffsql-eval --protocol bag`). Only stamps are kept;
-    a scan is read from the bag when an image needs it (bags of hours fit in memory)."""
-
-    depth_definition = "camera z of the nearest-stamp LiDAR scan, projected with camera_info P"
-
-    def __init__(self, path, topic, stamps, log_times, T_lidar_to_cam, infos, tolerance_ns, extrinsic_source):
-        self.path, self.topic = path, topic
-        self.stamps, self.log_times = list(stamps), list(log_times)  # ascending stamps
-        self.T = T_lidar_to_cam
-        self.infos = infos  # image stamp -> (K 3x3, (width, height))
-        self.tolerance_ns = tolerance_ns
-        self.extrinsic_source = extrinsic_source
-        self._reader_ctx = self._reader = None
-        self._cache: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_bag(cls, path, topics: BagTopics, frames, extrinsic=None, tolerance_s: float = 0.05):
-        infos = {f.stamp_ns: (camera_matrix(f.info), (int(f.info.width), int(f.info.height)))
-                 for f in frames}
-        stamps, log_times, lidar_frame = [], [], None
-        if topics.lidar:
-            with open_bag(path) as reader:
-                conns = [c for c in reader.connections if c.topic == topics.lidar]
-                for _, t, msg in iter_messages(reader, conns, path):
-                    stamps.append(stamp_ns(msg.header))
-                    log_times.append(t)
-                    lidar_frame = msg.header.frame_id
-        order = np.argsort(stamps, kind="stable")
-        stamps, log_times = [stamps[i] for i in order], [log_times[i] for i in order]
-        T, source = extrinsic, "--extrinsic"
-        if T is None and stamps:
-            cam_frame = frames[0].frame_id
-            try:
-                T = lookup_transform(read_static_transforms(path), cam_frame, lidar_frame)
-            except BagError as e:
-                raise BagError(f"{e}: pass the LiDAR -> camera transform with --extrinsic") from None
-            source = f"/tf_static ({lidar_frame} -> {cam_frame})"
-        return cls(path, topics.lidar, stamps, log_times, T, infos, int(tolerance_s * 1e9), source)
-
-    def _nearest(self, stamp: int) -> Optional[int]:
-        return nearest_by_stamp(self.stamps, stamp, self.tolerance_ns)
-
-    def has_scan(self, stamp: int) -> bool:
-        return self._nearest(stamp) is not None
-
-    def _scan(self, i: int) -> np.ndarray:
-        """Points of scan i, read by seeking to its recording time (the last two are cached)."""
-        if i in self._cache:
-            return self._cache[i]
-        if self._reader is None:
-            self._reader_ctx = open_bag(self.path)
-            self._reader = self._reader_ctx.__enter__()
-        _, msg = read_message_at(self._reader, self.topic, self.log_times[i], self.stamps[i], self.path)
-        if len(self._cache) >= 2:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[i] = decode_pointcloud(msg)
-        return self._cache[i]
-
-    def depth_map(self, stamp: int):
-        """(H x W metres, 0 = no return) for the image of `stamp`, or (None, why not)."""
-        i = self._nearest(stamp)
-        if i is None:
-            return None, f"no LiDAR scan within {self.tolerance_ns / 1e9:g} s of this image"
-        K, size = self.infos[stamp]
-        with self._lock:
-            points = self._scan(i)
-        return lidar_depth_map(points, self.T, K, size), ""
-
-    def close(self) -> None:
-        if self._reader_ctx is not None:
-            self._reader_ctx.__exit__(None, None, None)
-            self._reader_ctx = self._reader = None

@@ -13,7 +13,9 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 
 from diffsql_model.data.augment import scale_K
-from diffsql_model.data.bag_reader import BagError, camera_matrix
+# Not used here: evaluator_node, test_conversions and test_depth_node still import it from this module.
+from diffsql_model.data.pointcloud_msgs import read_points  # noqa: F401
+from diffsql_model.data.ros_fields import MessageError, camera_matrix
 
 
 class CameraInfoError(ValueError):
@@ -25,7 +27,7 @@ def calibrated_K(info: CameraInfo) -> np.ndarray:
     As image_geometry / depth_image_proc, and the same function the bag ground truth uses."""
     try:
         return camera_matrix(info)
-    except BagError as e:
+    except MessageError as e:
         raise CameraInfoError(str(e)) from None
 
 
@@ -165,16 +167,3 @@ class PointCloudBuilder:
         msg.is_dense = False
         msg.data = self._buf
         return msg
-
-
-def read_points(msg: PointCloud2) -> np.ndarray:
-    """Structured array (height x width) with the dtype the message's fields declare."""
-    types = {PointField.INT8: "i1", PointField.UINT8: "u1", PointField.INT16: "i2",
-             PointField.UINT16: "u2", PointField.INT32: "i4", PointField.UINT32: "u4",
-             PointField.FLOAT32: "f4", PointField.FLOAT64: "f8"}
-    order = ">" if msg.is_bigendian else "<"
-    dtype = np.dtype({"names": [f.name for f in msg.fields],
-                      "formats": [order + types[f.datatype] for f in msg.fields],
-                      "offsets": [f.offset for f in msg.fields], "itemsize": msg.point_step})
-    arr = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.row_step)
-    return arr[:, : msg.width * msg.point_step].copy().view(dtype).reshape(msg.height, msg.width)

@@ -11,10 +11,13 @@ import pytest
 pytestmark = pytest.mark.ros
 rclpy = pytest.importorskip("rclpy")
 
-from diffsql_model.data import bags  # noqa: E402
+from diffsql_model.data.bag_reader import open_bag, read_camera_stream, read_lidar  # noqa: E402
+from diffsql_model.data.bag_types import INFO_TYPE  # noqa: E402
+from diffsql_model.data.bag_writer import BagFrame, kitti_drive_to_bag, write_bag  # noqa: E402
 from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
+from diffsql_model.data.lidar import lidar_depth_map, parse_extrinsic  # noqa: E402
 from diffsql_model.data.sample_cli import synthetic_drive_to_bag  # noqa: E402
-from diffsql_ros import bag_player as BP  # noqa: E402
+from diffsql_ros.bag_player import choose_topics, index_camera, stream_images, to_rclpy  # noqa: E402
 
 
 
@@ -127,7 +130,7 @@ def test_rate_mode_keeps_recorded_timing_on_sqlite3_bag(work, bag_eval):
 
 
 def test_real_kitti_ros1_bag_with_kitti2bag_names(work, bag_eval, kitti_raw):
-    bag = bags.kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", work / "kitti.bag", frames=[0, 1, 50])
+    bag = kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", work / "kitti.bag", frames=[0, 1, 50])
     res = bag_eval(bag, "--checkpoint", work / "tiny.pt", "--json", work / "kitti.json")
     assert res.returncode == 0, res.stderr + res.stdout
     got = json.loads((work / "kitti.json").read_text())
@@ -140,7 +143,7 @@ def test_real_kitti_ros1_bag_with_kitti2bag_names(work, bag_eval, kitti_raw):
     calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
     scan = np.fromfile(kitti_raw / "2011_09_26/2011_09_26_drive_0001_sync/velodyne_points/data/0000000000.bin",
                        np.float32).reshape(-1, 4)
-    gt = bags.lidar_depth_map(scan, calib.T_velo_to_cam, calib.K, calib.image_size)
+    gt = lidar_depth_map(scan, calib.T_velo_to_cam, calib.K, calib.image_size)
     n_valid = int(((gt > 1e-3) & (gt < 80)).sum())
     assert abs(got["per_frame"][0]["n_valid"] - n_valid) <= 0.002 * n_valid
     # diffsql-eval on the same bag: same frames; both resize 1242x375 -> 192x64 with antialiased
@@ -148,6 +151,44 @@ def test_real_kitti_ros1_bag_with_kitti2bag_names(work, bag_eval, kitti_raw):
     ref = diffsql_eval("--data", bag, "--image-topic", "/kitti/camera_color_left/image_raw",
                        "--checkpoint", work / "tiny.pt", "--json", work / "kitti_ref.json")
     assert [f["frame"] for f in got["per_frame"]] == [f["frame"] for f in ref["per_frame"]]
+    assert got["metrics"]["abs_rel"] == pytest.approx(ref["metrics"]["abs_rel"], rel=0.005)
+
+
+def bag_without_tf(kitti_raw, path: pathlib.Path, fmt: str) -> pathlib.Path:
+    """Real KITTI frames 0-2 (all with a scan) as a bag without /tf_static, as many robot bags are."""
+    src = kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", path.with_name(path.stem + "_src.bag"), frames=[0, 1, 2])
+    pairs = zip(read_camera_stream(src, "/kitti/camera_color_left/image_raw"), read_lidar(src))
+    return write_bag(path, [BagFrame(c.stamp_ns, c.rgb, c.K, points=s.points, lidar_stamp_ns=s.stamp_ns)
+                            for c, s in pairs], fmt)
+
+
+@pytest.mark.parametrize("fmt", ["ros1", "sqlite3"])
+def test_bag_without_tf_static_is_a_clear_error_in_both_evaluators(work, bag_eval, kitti_raw, capsys, fmt):
+    # it was AttributeError: '<the bag's first message type>' object has no attribute 'transforms'
+    bag = bag_without_tf(kitti_raw, work / ("notf.bag" if fmt == "ros1" else "notf_sqlite"), fmt)
+    res = bag_eval(bag, "--checkpoint", work / "tiny.pt")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no /tf_static topic" in res.stderr and "--extrinsic" in res.stderr
+    from diffsql_model.eval import cli
+
+    assert cli.main(["--protocol", "bag", "--data", str(bag), "--checkpoint", str(work / "tiny.pt"),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no /tf_static topic" in err and "--extrinsic" in err
+
+
+def test_replay_with_extrinsic_equals_diffsql_eval_on_bag_without_tf(work, bag_eval, kitti_raw):
+    bag = bag_without_tf(kitti_raw, work / "notf_mcap", "mcap")
+    T = load_kitti_calib(kitti_raw / "2011_09_26", 2).T_velo_to_cam
+    extrinsic = "--extrinsic=" + " ".join(map(repr, T[:3].ravel().tolist()))
+    res = bag_eval(bag, "--checkpoint", work / "tiny.pt", extrinsic, "--json", work / "notf.json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    got = json.loads((work / "notf.json").read_text())
+    ref = diffsql_eval("--data", bag, "--checkpoint", work / "tiny.pt", extrinsic, "--json", work / "notf_ref.json")
+    assert got["extrinsic_source"] == "--extrinsic" and got["frames_evaluated"] == ref["n_frames"] == 3
+    assert [f["frame"] for f in got["per_frame"]] == [f["frame"] for f in ref["per_frame"]]
+    assert [f["n_valid"] for f in got["per_frame"]] == [f["n_valid"] for f in ref["per_frame"]]
+    # both resize 1242x375 -> 192x64 antialiased, the node on uint8 (as for the kitti2bag bag above)
     assert got["metrics"]["abs_rel"] == pytest.approx(ref["metrics"]["abs_rel"], rel=0.005)
 
 
@@ -172,26 +213,26 @@ def test_clear_errors_for_missing_truncated_bags_and_bad_checkpoints(work, bag_e
 def test_ros1_camera_info_becomes_the_ros2_message(work, kitti_raw):
     bag = work / "kitti.bag"
     if not bag.exists():
-        bags.kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", bag, frames=[0, 1, 50])
-    with BP.open_bag(bag) as reader:
-        topics = BP.choose_topics(reader)
-        index = BP.index_camera(reader, topics)
+        kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", bag, frames=[0, 1, 50])
+    with open_bag(bag) as reader:
+        topics = choose_topics(reader)
+        index = index_camera(reader, topics)
     assert [f.image for f in index] == [None] * 3  # the index holds no pixels
-    frames = list(BP.stream_images(bag, topics, index))
-    info = BP.to_rclpy(frames[0].info, BP.INFO_TYPE)
+    frames = list(stream_images(bag, topics, index))
+    info = to_rclpy(frames[0].info, INFO_TYPE)
     calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
     np.testing.assert_allclose(np.reshape(info.p, (3, 4)), calib.P_rect)
     assert (info.width, info.height) == calib.image_size
     assert info.header.frame_id == "camera_color_left"
-    img = BP.to_rclpy(frames[0].image, frames[0].image_type)
+    img = to_rclpy(frames[0].image, frames[0].image_type)
     assert (img.width, img.height, len(img.data)) == (1242, 375, img.step * 375)
     assert img.header.stamp.sec * 10**9 + img.header.stamp.nanosec == frames[0].stamp_ns
 
 
 def test_extrinsic_from_the_command_line():
-    T = BP.parse_extrinsic("1 2 3 0 0 0.7071067811865476 0.7071067811865476")  # 90 deg about z
+    T = parse_extrinsic("1 2 3 0 0 0.7071067811865476 0.7071067811865476")  # 90 deg about z
     np.testing.assert_allclose(T[:3, :3], [[0, -1, 0], [1, 0, 0], [0, 0, 1]], atol=1e-9)
     np.testing.assert_allclose(T[:3, 3], [1, 2, 3])
-    np.testing.assert_allclose(BP.parse_extrinsic(" ".join(map(str, np.eye(4)[:3].ravel()))), np.eye(4))
+    np.testing.assert_allclose(parse_extrinsic(" ".join(map(str, np.eye(4)[:3].ravel()))), np.eye(4))
     with pytest.raises(ValueError, match="7, 12 or 16"):
-        BP.parse_extrinsic("1 2 3")
+        parse_extrinsic("1 2 3")

@@ -9,15 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsql_model.data.bag_writer import _Messages, get_bag_typestore
-from diffsql_model.data.bags import (
-    BagDataset, BagError, BagFrame, BagWriteError, camera_matrix, decode_image, decode_pointcloud,
-    field, iter_messages, kitti_drive_to_bag, lookup_transform, open_bag, pick_topic, read_camera_stream,
-    read_lidar, read_message_at, read_static_transforms, stamp_ns, write_bag,
+from diffsql_model.data.bag_reader import (
+    BagError, decode_image, iter_messages, lookup_transform, open_bag, pick_topic, read_camera_stream, read_lidar,
+    read_message_at, read_static_transforms,
 )
+from diffsql_model.data.bag_types import get_bag_typestore
+from diffsql_model.data.bag_writer import BagFrame, BagWriteError, _Messages, kitti_drive_to_bag, write_bag
+from diffsql_model.data.bags import BagDataset
+from diffsql_model.data.pointcloud_msgs import decode_pointcloud
+from diffsql_model.data.ros_fields import camera_matrix, field
 from diffsql_model.data.calib import load_kitti_calib
 from diffsql_model.data.kitti import KittiRawDataset
-from diffsql_model.data.pairing import StampPairer, nearest_by_stamp
+from diffsql_model.data.pairing import StampPairer, nearest_by_stamp, stamp_ns
 
 DATE, DRIVE = "2011_09_26", "2011_09_26_drive_0001_sync"
 TOPICS = {  # fmt -> (left image, right image, lidar)
@@ -84,6 +87,40 @@ def test_bag_lidar_depth_equals_bin_projection(bags, kitti_raw, fmt):
         assert (d > 0).sum() > 15000
         assert np.array_equal(d > 0, ref > 0)
         assert np.abs(d - ref).max() < 1e-4  # float32 cloud + quaternion round trip
+
+
+@pytest.mark.parametrize("fmt", ["ros1", "sqlite3"])
+def test_bag_without_tf_static(bags, kitti_raw, tmp_path, fmt):
+    """Many robot bags have no /tf_static: its reader found no connection and rosbags, given an
+    empty list, read every message as a transform. Now the LiDAR needs an explicit extrinsic,
+    or shares the camera's frame (identity)."""
+    left, _, lidar = TOPICS[fmt]
+    T = load_kitti_calib(kitti_raw / DATE, 2).T_velo_to_cam
+    pairs = list(zip(read_camera_stream(bags[fmt], left), read_lidar(bags[fmt], lidar)))
+    plain = write_bag(tmp_path / ("plain.bag" if fmt == "ros1" else "plain"), fmt=fmt, frames=[
+        BagFrame(c.stamp_ns, c.rgb, c.K, points=s.points, lidar_stamp_ns=s.stamp_ns) for c, s in pairs])
+    assert read_static_transforms(plain) == []
+    with open_bag(plain) as reader:
+        assert list(iter_messages(reader, [], plain)) == []
+    with pytest.raises(BagError, match="no /tf_static topic .* 'velo_link' .* 'camera_color_left' .*--extrinsic"):
+        BagDataset(plain, 96, 320, (0,), lidar_topic=lidar, is_train=False)
+    given = BagDataset(plain, 96, 320, (0,), lidar_topic=lidar, T_lidar_to_cam=T, is_train=False)
+    assert given.lidar.extrinsic_source == "--extrinsic"
+    in_cam = [BagFrame(c.stamp_ns, c.rgb, c.K, lidar_stamp_ns=s.stamp_ns,
+                       points=np.c_[s.points[:, :3] @ T[:3, :3].T + T[:3, 3], s.points[:, 3]].astype(np.float32))
+              for c, s in pairs]
+    shared = write_bag(tmp_path / ("cam.bag" if fmt == "ros1" else "cam"), in_cam, fmt,
+                       frame_ids={"lidar": "camera_color_left"})
+    same = BagDataset(shared, 96, 320, (0,), lidar_topic=lidar, is_train=False)
+    assert np.array_equal(same.T_lidar_to_cam, np.eye(4)) and same.lidar.extrinsic_source.startswith("identity")
+    for n in (0, 4):
+        ref = reference_depth(kitti_raw, n)
+        d = given[n]["depth_gt"][0].numpy()
+        assert np.array_equal(d > 0, ref > 0) and np.abs(d - ref).max() < 1e-4
+        d = same[n]["depth_gt"][0].numpy()  # points rounded to float32 in the camera frame
+        assert (d > 0).sum() > 15000 and ((d > 0) != (ref > 0)).sum() <= 5
+        both = (d > 0) & (ref > 0)
+        assert np.abs(d - ref)[both].max() < 1e-4
 
 
 def test_camera_stream_lidar_and_tf_read_back(bags, kitti_raw):

@@ -2,28 +2,25 @@
 
 ROS 1 `.bag` files and ROS 2 bag folders (sqlite3 or mcap) go through
 `rosbags.highlevel.AnyReader`; message fields are read under both the ROS 1 (`K`, `P`) and
-ROS 2 (`k`, `p`) spellings. Every failure is a `BagError` naming the bag and the cause.
+ROS 2 (`k`, `p`) spellings (`ros_fields`). Every failure is a `BagError` naming the bag and the
+cause.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import pathlib
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
-import cv2
 import numpy as np
+from rosbags.highlevel import AnyReader
+from scipy.spatial.transform import Rotation
 
-from diffsql_model.data.bag_writer import get_bag_typestore
-from diffsql_model.data.ground_truth import splat_nearest
+from diffsql_model.data.bag_types import CLOUD_TYPE, IMAGE_TYPES, INFO_TYPE, TF_STATIC_TOPIC, get_bag_typestore
 from diffsql_model.data.image_msgs import ImageError, compressed_to_rgb8, image_to_rgb8
 from diffsql_model.data.pairing import nearest_by_stamp, stamp_ns
-
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-INFO_TYPE = "sensor_msgs/msg/CameraInfo"
-CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
-TF_TYPE = "tf2_msgs/msg/TFMessage"
-_POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
+from diffsql_model.data.pointcloud_msgs import decode_pointcloud
+from diffsql_model.data.ros_fields import MessageError, camera_matrix
 
 
 class BagError(RuntimeError):
@@ -43,14 +40,6 @@ class LidarScan(NamedTuple):
     frame_id: str
 
 
-def field(msg, name: str):
-    """Message field under its ROS 2 (lower-case) or ROS 1 (upper-case) name."""
-    for n in (name, name.upper(), name.lower()):
-        if hasattr(msg, n):
-            return getattr(msg, n)
-    raise BagError(f"{type(msg).__name__} has no field {name!r} (nor {name.upper()!r})")
-
-
 def _bag_path(path) -> pathlib.Path:
     path = pathlib.Path(path)
     if not path.exists():
@@ -63,8 +52,6 @@ def _bag_path(path) -> pathlib.Path:
 @contextlib.contextmanager
 def open_bag(path):
     """`with open_bag(p) as reader:` an opened AnyReader; clear BagError when the bag is unreadable."""
-    from rosbags.highlevel import AnyReader
-
     path = _bag_path(path)
     ros1 = path.suffix == ".bag"
     try:
@@ -83,8 +70,10 @@ def open_bag(path):
 
 def iter_messages(reader, connections, path, start: int | None = None,
                   stop: int | None = None) -> Iterator[tuple[object, int, object]]:
-    """(connection, log time, deserialized message), log times in [start, stop) when given;
-    damage mid-bag -> BagError after the good ones."""
+    """(connection, log time, deserialized message) of `connections`, log times in [start, stop)
+    when given; no connection, no message; damage mid-bag -> BagError after the good ones."""
+    if not connections:
+        return  # rosbags reads an empty connection list as "no filter": every message of the bag
     it = reader.messages(connections=connections, start=start, stop=stop)
     while True:
         try:
@@ -98,11 +87,25 @@ def iter_messages(reader, connections, path, start: int | None = None,
         yield conn, t, msg
 
 
+def topic_messages(reader, topics: Iterable[str], path, start: int | None = None,
+                   stop: int | None = None) -> Iterator[tuple[object, int, object]]:
+    """`iter_messages` of the named topics, in recording order (none when the bag has none of them)."""
+    wanted = set(topics)
+    yield from iter_messages(reader, [c for c in reader.connections if c.topic in wanted], path, start, stop)
+
+
+def decoded(decode: Callable, msg, path, topic: str):
+    """decode(msg), a message it cannot decode as a BagError naming the bag and the topic."""
+    try:
+        return decode(msg)
+    except MessageError as e:
+        raise BagError(f"{path}: {topic}: {e}") from None
+
+
 def read_message_at(reader, topic: str, log_ns: int, stamp: int, path) -> tuple[object, object]:
     """(connection, message) of `topic` recorded at `log_ns` with header stamp `stamp`: a seek
     by recording time, so one message of a long bag is read again without a scan."""
-    conns = [c for c in reader.connections if c.topic == topic]
-    for conn, _, msg in iter_messages(reader, conns, path, start=log_ns, stop=log_ns + 1):
+    for conn, _, msg in topic_messages(reader, [topic], path, start=log_ns, stop=log_ns + 1):
         if stamp_ns(msg.header) == stamp:
             return conn, msg
     raise BagError(f"{path}: the message of {topic} with stamp {stamp} vanished on re-read")
@@ -157,58 +160,21 @@ def decode_image(msg, msgtype: str) -> np.ndarray:
     return rgb if rgb.flags.writeable and rgb.flags.c_contiguous else rgb.copy()
 
 
-def camera_matrix(info) -> np.ndarray:
-    """3x3 intrinsics of the rectified image: P's left 3x3 (K where P is all zero)."""
-    P = np.asarray(field(info, "p"), dtype=np.float64).reshape(3, 4)
-    if P[0, 0] > 0:
-        return P[:, :3].copy()
-    K = np.asarray(field(info, "k"), dtype=np.float64).reshape(3, 3)
-    if K[0, 0] <= 0:
-        raise BagError("camera_info carries neither P nor K (all zero): the camera is uncalibrated")
-    return K
-
-
-def decode_pointcloud(msg) -> np.ndarray:
-    """PointCloud2 -> N x 4 float32 (x, y, z, intensity or i; 0 if absent), non-finite points dropped."""
-    if msg.is_bigendian:
-        raise BagError("big-endian PointCloud2 is not supported")
-    fields = {f.name: f for f in msg.fields}
-    for n in ("x", "y", "z"):
-        if n not in fields:
-            raise BagError(f"PointCloud2 lacks field {n!r}; fields: {sorted(fields)}")
-    inten = next((n for n in ("intensity", "i", "reflectance") if n in fields), None)
-    names = ["x", "y", "z"] + ([inten] if inten else [])
-    dtype = np.dtype({"names": names, "formats": [_POINTFIELD_DTYPES[fields[n].datatype] for n in names],
-                      "offsets": [fields[n].offset for n in names], "itemsize": int(msg.point_step)})
-    n_pts = int(msg.width) * int(msg.height)
-    data = np.asarray(msg.data, dtype=np.uint8)
-    if data.size < n_pts * msg.point_step:
-        raise BagError(f"PointCloud2 holds {data.size} bytes, {n_pts} points of {msg.point_step} need more")
-    rec = np.frombuffer(data[: n_pts * msg.point_step].tobytes(), dtype=dtype, count=n_pts)
-    out = np.zeros((n_pts, 4), dtype=np.float32)
-    for i, n in enumerate(names):
-        out[:, i] = rec[n]
-    return out[np.isfinite(out[:, :3]).all(axis=1)]
-
-
 def read_camera_stream(path, image_topic: str | None = None, info_topic: str | None = None,
                        K: np.ndarray | None = None) -> Iterator[CameraFrame]:
     """Yield CameraFrame for every image of one camera, K from the camera_info nearest in stamp
     (or `K` given explicitly when the bag has no camera_info)."""
-
     with open_bag(path) as reader:
         topic = pick_topic(reader, image_topic, IMAGE_TYPES, "camera image", path)
         info = None if K is not None else info_topic_for(reader, topic, info_topic, path)
         info_stamps, info_K = [], []
         if info is not None:
-            conns = [c for c in reader.connections if c.topic == info]
-            pairs = sorted(((stamp_ns(m.header), camera_matrix(m)) for _, _, m in iter_messages(reader, conns, path)),
-                           key=lambda p: p[0])
+            pairs = sorted(((stamp_ns(m.header), decoded(camera_matrix, m, path, info))
+                            for _, _, m in topic_messages(reader, [info], path)), key=lambda p: p[0])
             if not pairs:
                 raise BagError(f"{path}: camera_info topic {info} holds no message")
             info_stamps, info_K = [p[0] for p in pairs], [p[1] for p in pairs]
-        conns = [c for c in reader.connections if c.topic == topic]
-        for conn, _, msg in iter_messages(reader, conns, path):
+        for conn, _, msg in topic_messages(reader, [topic], path):
             t = stamp_ns(msg.header)
             k = np.asarray(K, dtype=np.float64) if K is not None else info_K[nearest_by_stamp(info_stamps, t)]
             yield CameraFrame(t, decode_image(msg, conn.msgtype), k, msg.header.frame_id)
@@ -218,26 +184,28 @@ def read_lidar(path, lidar_topic: str | None = None) -> Iterator[LidarScan]:
     """Yield every PointCloud2 scan of one topic as N x 4 float32 in its own frame."""
     with open_bag(path) as reader:
         topic = pick_topic(reader, lidar_topic, (CLOUD_TYPE,), "PointCloud2", path)
-        conns = [c for c in reader.connections if c.topic == topic]
-        for _, _, msg in iter_messages(reader, conns, path):
-            yield LidarScan(stamp_ns(msg.header), decode_pointcloud(msg), msg.header.frame_id)
+        for _, _, msg in topic_messages(reader, [topic], path):
+            yield LidarScan(stamp_ns(msg.header), decoded(decode_pointcloud, msg, path, topic), msg.header.frame_id)
 
 
-def read_static_transforms(path, topic: str = "/tf_static") -> list[tuple[str, str, np.ndarray]]:
-    """(parent, child, T_parent_child 4x4) of every transform on /tf_static (empty if none)."""
-    from scipy.spatial.transform import Rotation
-
+def static_transforms(reader, path, topic: str = TF_STATIC_TOPIC) -> list[tuple[str, str, np.ndarray]]:
+    """(parent, child, T_parent_child 4x4) of every transform on `topic` of an open bag (empty
+    when the bag has no such topic)."""
     out = []
-    with open_bag(path) as reader:
-        conns = [c for c in reader.connections if c.topic == topic]
-        for _, _, msg in iter_messages(reader, conns, path):
-            for tf in msg.transforms:
-                tr, q = tf.transform.translation, tf.transform.rotation
-                T = np.eye(4)
-                T[:3, :3] = Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix()
-                T[:3, 3] = (tr.x, tr.y, tr.z)
-                out.append((tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/"), T))
+    for _, _, msg in topic_messages(reader, [topic], path):
+        for tf in msg.transforms:
+            tr, q = tf.transform.translation, tf.transform.rotation
+            T = np.eye(4)
+            T[:3, :3] = Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix()
+            T[:3, 3] = (tr.x, tr.y, tr.z)
+            out.append((tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/"), T))
     return out
+
+
+def read_static_transforms(path, topic: str = TF_STATIC_TOPIC) -> list[tuple[str, str, np.ndarray]]:
+    """`static_transforms` of the bag at `path`."""
+    with open_bag(path) as reader:
+        return static_transforms(reader, path, topic)
 
 
 def lookup_transform(transforms, target: str, source: str) -> np.ndarray:
@@ -260,21 +228,3 @@ def lookup_transform(transforms, target: str, source: str) -> np.ndarray:
                 queue.append(nxt)
     raise BagError(f"no static transform chain from {source!r} to {target!r}; "
                    f"frames on /tf_static: {sorted(graph)}")
-
-
-def lidar_depth_map(points: np.ndarray, T_lidar_to_cam: np.ndarray, K: np.ndarray,
-                    size: tuple[int, int], min_depth: float = 1e-3) -> np.ndarray:
-    """Project LiDAR points into a camera -> H x W float32 camera-z depth (0 = no point).
-
-    size: (width, height). Pixel = floor(u + 0.5) (ROS 0-based pixel centres); the nearest
-    point wins where several land on one pixel. For the KITTI devkit convention used by the
-    Eigen benchmark (1-based, velodyne x) use ground_truth.velodyne_depth_map instead.
-    """
-    width, height = size
-    xyz = np.asarray(points, dtype=np.float64)[:, :3]
-    cam = xyz @ np.asarray(T_lidar_to_cam)[:3, :3].T + np.asarray(T_lidar_to_cam)[:3, 3]
-    cam = cam[cam[:, 2] > min_depth]
-    uvw = cam @ np.asarray(K, dtype=np.float64).T
-    u = np.floor(uvw[:, 0] / uvw[:, 2] + 0.5)  # ROS: 0-based pixels, centres on integers
-    v = np.floor(uvw[:, 1] / uvw[:, 2] + 0.5)
-    return splat_nearest(u, v, cam[:, 2], height, width)

@@ -11,9 +11,14 @@ from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
+from rosbags import rosbag1, rosbag2
 from scipy.spatial.transform import Rotation
 
+from diffsql_model.data.bag_types import TF_STATIC_TOPIC, TF_TYPE, get_bag_typestore
 from diffsql_model.data.calib import load_kitti_calib, read_calib_file
+from diffsql_model.data.ground_truth import read_velodyne_bin
+from diffsql_model.data.kitti import load_rgb, read_kitti_timestamps
+from diffsql_model.data.ros_fields import spelling
 
 FORMATS = ("ros1", "sqlite3", "mcap")
 IMAGE_ENCODINGS = ("rgb8", "bgr8", "mono8", "jpeg", "png")
@@ -25,7 +30,7 @@ KITTI2BAG_TOPICS = {
     "image_right": "/kitti/camera_color_right/image_raw",
     "info_right": "/kitti/camera_color_right/camera_info",
     "lidar": "/kitti/velo/pointcloud",
-    "tf_static": "/tf_static",
+    "tf_static": TF_STATIC_TOPIC,
 }
 ROS2_TOPICS = {
     "image": "/camera/left/image_raw",
@@ -33,11 +38,9 @@ ROS2_TOPICS = {
     "image_right": "/camera/right/image_raw",
     "info_right": "/camera/right/camera_info",
     "lidar": "/lidar/points",
-    "tf_static": "/tf_static",
+    "tf_static": TF_STATIC_TOPIC,
 }
 FRAME_IDS = {"camera": "camera_color_left", "camera_right": "camera_color_right", "lidar": "velo_link"}
-
-TF_MESSAGE_MSG = "geometry_msgs/TransformStamped[] transforms"
 
 
 class BagWriteError(ValueError):
@@ -61,18 +64,6 @@ class BagFrame:
     P_right: np.ndarray | None = None
     points: np.ndarray | None = None
     lidar_stamp_ns: int | None = None
-
-
-def get_bag_typestore(ros1: bool):
-    """rosbags typestore for writing/reading: noetic (+ tf2_msgs/TFMessage, absent there) or kilted."""
-    from rosbags.typesys import Stores, get_typestore, get_types_from_msg
-
-    if not ros1:
-        return get_typestore(Stores.ROS2_KILTED)
-    store = get_typestore(Stores.ROS1_NOETIC)
-    if "tf2_msgs/msg/TFMessage" not in store.types:
-        store.register(get_types_from_msg(TF_MESSAGE_MSG, "tf2_msgs/msg/TFMessage"))
-    return store
 
 
 class _Messages:
@@ -116,7 +107,7 @@ class _Messages:
         cls = self.T["sensor_msgs/msg/CameraInfo"]
         names = {f.name for f in dataclasses.fields(cls)}
         arrays = {"d": np.zeros(5), "k": K.reshape(-1), "r": np.eye(3).reshape(-1), "p": P.reshape(-1)}
-        kw = {(n.upper() if n.upper() in names else n): v for n, v in arrays.items()}
+        kw = {spelling(names, n): v for n, v in arrays.items()}
         roi = self.T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
         return "sensor_msgs/msg/CameraInfo", cls(
             header=self.header(stamp_ns, frame_id), height=int(size[1]), width=int(size[0]),
@@ -144,7 +135,7 @@ class _Messages:
                 rotation=self.T["geometry_msgs/msg/Quaternion"](x=q[0], y=q[1], z=q[2], w=q[3]))
             out.append(self.T["geometry_msgs/msg/TransformStamped"](
                 header=self.header(stamp_ns, parent), child_frame_id=child, transform=tr))
-        return "tf2_msgs/msg/TFMessage", self.T["tf2_msgs/msg/TFMessage"](transforms=out)
+        return TF_TYPE, self.T[TF_TYPE](transforms=out)
 
 
 def write_bag(
@@ -174,15 +165,11 @@ def write_bag(
     store = get_bag_typestore(ros1)
     msgs = _Messages(store, ros1)
     if ros1:
-        from rosbags.rosbag1 import Writer
-
-        writer = Writer(path)
+        writer = rosbag1.Writer(path)
         serialize = store.serialize_ros1
     else:
-        from rosbags.rosbag2 import StoragePlugin, Writer
-
-        plugin = StoragePlugin.SQLITE3 if fmt == "sqlite3" else StoragePlugin.MCAP
-        writer = Writer(path, version=9, storage_plugin=plugin)
+        plugin = rosbag2.StoragePlugin.SQLITE3 if fmt == "sqlite3" else rosbag2.StoragePlugin.MCAP
+        writer = rosbag2.Writer(path, version=9, storage_plugin=plugin)
         serialize = store.serialize_cdr
     connections: dict = {}
 
@@ -240,9 +227,6 @@ def kitti_drive_to_bag(
     (P_rect_02/03), velodyne scans (only frames that have a .bin), /tf_static from the
     calibration; stamps from the drive's timestamps.txt. drive: "0001" or the folder name.
     """
-    from diffsql_model.data.ground_truth import read_velodyne_bin
-    from diffsql_model.data.kitti import load_rgb, read_kitti_timestamps
-
     raw_root = pathlib.Path(raw_root)
     folder = drive if drive.startswith(date) else f"{date}_drive_{drive}_sync"
     drive_dir = raw_root / date / folder

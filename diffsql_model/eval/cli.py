@@ -142,6 +142,8 @@ def parse_args(argv=None):
     ap.add_argument("--image-topic", help="bag: camera image topic (default: the only one)")
     ap.add_argument("--lidar-topic", help="bag: PointCloud2 topic (default: the only one)")
     ap.add_argument("--lidar-tolerance", type=float, default=0.05, help="bag: max image-scan stamp gap, s")
+    ap.add_argument("--extrinsic", help="bag: LiDAR -> camera optical frame, 'x y z qx qy qz qw' or 12/16 "
+                    "row-major numbers (default: /tf_static of the bag)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sd-path", type=pathlib.Path,
                     help="local SD folder, for checkpoints without the frozen SD weights (default: as trained)")
@@ -169,17 +171,22 @@ def evaluate(args) -> dict:
 def _evaluate_bag(args, cfg) -> dict:
     """Bag protocol: camera images paired with the LiDAR scan nearest in stamp (depth = camera
     z) by `diffsql_model.data.bags.BagDataset`; predictions in the order of its samples."""
-    from diffsql_model.data import bags
+    # here, not at the top: torch (bags) and rosbags are for this protocol only
+    from diffsql_model.data.bag_reader import open_bag, pick_topic
+    from diffsql_model.data.bag_types import CLOUD_TYPE
+    from diffsql_model.data.bags import BagDataset
+    from diffsql_model.data.lidar import parse_extrinsic
 
-    with bags.open_bag(args.data) as reader:
-        lidar_topic = bags.pick_topic(reader, args.lidar_topic, (bags.CLOUD_TYPE,), "PointCloud2", args.data)
+    with open_bag(args.data) as reader:
+        lidar_topic = pick_topic(reader, args.lidar_topic, (CLOUD_TYPE,), "PointCloud2", args.data)
     if args.predictions:
         preds, size = load_predictions(args.predictions), (192, 640)
     else:
         preds = _BagModel(args.checkpoint, args.device, getattr(args, "sd_path", None))
         size = (preds.cfg.height, preds.cfg.width)
-    ds = bags.BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
-                         lidar_topic=lidar_topic, is_train=False, lidar_tolerance_s=args.lidar_tolerance)
+    ds = BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
+                    lidar_topic=lidar_topic, T_lidar_to_cam=parse_extrinsic(getattr(args, "extrinsic", None)),
+                    is_train=False, lidar_tolerance_s=args.lidar_tolerance)
     if args.predictions and len(preds) != len(ds):
         raise ValueError(f"{args.predictions} holds {len(preds)} depth maps but the bag has {len(ds)} images")
 

@@ -1,7 +1,7 @@
 """Evaluation protocols (shared PROTOCOLS.md): which frames, which ground truth, which mask.
 
 `eigen` (velodyne scans), `eigen_benchmark` (improved ground-truth PNGs), `make3d` and `bag`
-(already paired image + LiDAR depth maps from `diffsql_model.data.bags`). Every protocol turns
+(image + LiDAR depth maps already paired by `diffsql_model.data.lidar.LidarDepth`). Every protocol turns
 into a list of `Frame`s evaluated by `run_evaluation` against a sequence of predictions (one
 H x W depth map in metres per frame, any resolution). Frames without ground truth are listed
 under "missing" in the result, never dropped silently.
