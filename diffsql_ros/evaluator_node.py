@@ -20,7 +20,7 @@ from sensor_msgs.msg import Image, PointCloud2
 from diffsql_model.data.image_msgs import image_to_array
 from diffsql_model.data.pairing import stamp_ns
 from diffsql_model.eval import protocols as P
-from diffsql_ros.pointcloud import read_points
+from diffsql_model.data.pointcloud_msgs import read_points
 
 # stamp_ns -> (H x W ground-truth metres, 0 = none) or (None, reason the frame has none)
 GroundTruthFn = Callable[[int], tuple]

@@ -14,7 +14,6 @@ from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 
 from diffsql_model.data.augment import scale_K
 # Not used here: evaluator_node, test_conversions and test_depth_node still import it from this module.
-from diffsql_model.data.pointcloud_msgs import read_points  # noqa: F401
 from diffsql_model.data.ros_fields import MessageError, camera_matrix
 
 

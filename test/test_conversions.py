@@ -11,8 +11,9 @@ from std_msgs.msg import Header  # noqa: E402
 from diffsql_model.data.image_msgs import (ImageError, compressed_to_rgb8, image_to_array,  # noqa: E402
                                            image_to_rgb8)
 from diffsql_ros.conversions import array_to_image, colorize_depth  # noqa: E402
+from diffsql_model.data.pointcloud_msgs import read_points  # noqa: E402
 from diffsql_ros.pointcloud import (CameraInfoError, PointCloudBuilder, camera_info_for_image,  # noqa: E402
-                                    intrinsics_for_image, read_points)
+                                    intrinsics_for_image)
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ from diffsql_model.data.augment import to_tensor_resized  # noqa: E402
 from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import DepthEstimator  # noqa: E402
 from diffsql_model.presets import get_preset  # noqa: E402
-from diffsql_ros.pointcloud import read_points  # noqa: E402
+from diffsql_model.data.pointcloud_msgs import read_points  # noqa: E402
 
 PARAMS_FILE = ROOT / "config" / "depth.yaml"
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "depth_node"

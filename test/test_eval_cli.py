@@ -249,7 +249,7 @@ def test_bag_protocol_cli(kitti_raw, tmp_path):
     """A real bag written from drive 0001 (frames 5 and 50; 50 has no scan), evaluated through
     BagDataset's pairing. Its LiDAR maps use ROS 0-based pixels (camera z): our devkit cam_z map
     shifted by one pixel right and down."""
-    from diffsql_model.data.bags import kitti_drive_to_bag
+    from diffsql_model.data.bag_writer import kitti_drive_to_bag
 
     bag = kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", tmp_path / "d.bag", frames=[5, 50])
     shifted = np.zeros((375, 1242), np.float32)

@@ -12,7 +12,6 @@ from diffsql_model.data.bag_index import BagHandle, TopicIndex
 from diffsql_model.data.bag_reader import BagError, decode_image, decoded, info_topic_for, pick_topic
 from diffsql_model.data.bag_types import CLOUD_TYPE, IMAGE_TYPES
 # Not used here: sample_cli and test_eval_cli still import it from this module.
-from diffsql_model.data.bag_writer import kitti_drive_to_bag  # noqa: F401
 from diffsql_model.data.lidar import LidarDepth
 from diffsql_model.data.ros_fields import projection_matrix
 

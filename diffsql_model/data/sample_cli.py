@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 
+from diffsql_model.data.bag_writer import FRAME_IDS, BagFrame, kitti_drive_to_bag, write_bag
 from diffsql_model.data.synthetic import SyntheticConfig, render_drive
 from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, points_lidar, write_kitti_layout, write_split
 
@@ -46,7 +47,6 @@ class SampleSettings:
 
 def synthetic_drive_to_bag(drive, path: pathlib.Path, fmt: str) -> pathlib.Path:
     """A rendered drive -> bag: left image + camera_info, LiDAR-like scan, /tf_static (camera <- LiDAR)."""
-    from diffsql_model.data.bag_writer import FRAME_IDS, BagFrame, write_bag
 
     def frames():
         for i in range(len(drive.rgb)):
@@ -85,8 +85,6 @@ def build_synthetic(out: pathlib.Path, s: SampleSettings, log=print) -> dict:
 
 
 def build_kitti_bag(out: pathlib.Path, shared: pathlib.Path, log=print) -> dict:
-    from diffsql_model.data.bags import kitti_drive_to_bag
-
     raw = shared / "data" / "kitti" / "raw"
     if not (raw / KITTI_DATE).is_dir():
         raise FileNotFoundError(f"real KITTI sample not found under {raw} (pass --shared)")
