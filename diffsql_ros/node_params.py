@@ -32,7 +32,8 @@ PARAMETERS = (
     Param("sd_path", "", "local Stable Diffusion folder for checkpoints that leave out the frozen SD "
           "weights; empty = the folder the checkpoint was trained with", read_only=True),
     Param("device", "auto", "auto (cuda when available), cuda or cpu", DEVICES, read_only=True),
-    Param("precision", "fp32", "fp32, fp16 (CUDA only) or bf16 autocast", tuple(PRECISIONS), read_only=True),
+    Param("precision", "fp32", "fp32, bf16 or fp16 (CUDA only); bf16 for SD models on a GPU (their frozen SD is loaded in it)",
+          tuple(PRECISIONS), read_only=True),
     Param("tf32", True, "CUDA, compute capability 8.0+ (Ampere and newer): fp32 matmuls and convolutions on "
           "TF32 tensor cores; false = IEEE fp32. No effect on CPU", read_only=True),
     Param("input_height", 0, "network input height, multiple of 32; 0 = the checkpoint's", range=(0, 2048, 32),
