@@ -1,5 +1,6 @@
 """Training: config, a loss that goes down, checkpoints (contents, resume after SIGKILL, bad files),
-and (slow) the lite model learning depth on synthetic drives."""
+a non-finite loss stopping the run, batched validation, RNG state, and (slow) the lite model
+learning depth on synthetic drives. Multi-process runs: test_train_ddp.py."""
 from __future__ import annotations
 
 import json
@@ -54,10 +55,17 @@ def run_cli(*args, check=True, env_extra=None, **kw):
 def test_every_shipped_config_loads_and_resolves():
     paths = sorted((ROOT / "config" / "train").glob("*.yaml"))
     assert len(paths) >= 4
+    needs_sd_folder = []
     for path in paths:
         cfg = TrainConfig.load_yaml(path)
-        model_cfg = resolve_model_config(cfg.model)
+        try:
+            model_cfg = resolve_model_config(cfg.model)
+        except ConfigError as e:  # full-size SD: refused without the user's SD folder
+            assert "sd.pretrained_path is not set" in str(e), (path, e)
+            needs_sd_folder.append(path.name)
+            model_cfg = resolve_model_config(cfg.with_overrides(["model.sd.allow_random_weights=true"]).model)
         assert model_cfg.height % 32 == 0 and cfg.data.frame_ids[0] == 0
+    assert needs_sd_folder == ["kitti_diffsql_r50_m.yaml"]
     ms = TrainConfig.load_yaml(ROOT / "config" / "train" / "kitti_ms.yaml")
     assert ms.data.stereo and ms.data.temporal_ids == [-1, 1]
     assert TrainConfig.load_yaml(ROOT / "config" / "train" / "kitti_m.yaml").optim.lr == 1e-4
@@ -77,6 +85,8 @@ def test_overrides_route_model_fields_and_reject_typos():
         TrainConfig.from_dict({"data": {"frame_ids": [-1, 0, 1]}})
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig.from_dict({"runtime": {"precision": "fp8"}})
+    with pytest.raises(ConfigError, match="sync_every"):
+        TrainConfig.from_dict({"runtime": {"sync_every": 0}})
 
 
 @pytest.mark.parametrize("frames", [[0, -1, 1], [0, -1, 1, "s"]], ids=["M", "MS"])
@@ -92,7 +102,8 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, frames):
     assert ("color", "s") in batch if "s" in frames else ("color", "s") not in batch
     losses = []
     for _ in range(8):
-        _, out, _, _ = trainer.train_step(batch)
+        _, out, t_fwd, t_bwd = trainer.train_step(batch)
+        assert isinstance(t_fwd, float) and isinstance(t_bwd, float) and t_fwd > 0 and t_bwd > 0
         losses.append(float(out["loss"].detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     print(frames, [round(v, 4) for v in losses])
@@ -150,6 +161,79 @@ def one_step(trainer):
     hook.remove()
     assert all(p.dtype == torch.float32 for p in trainer.params)  # master weights stay fp32
     return seen, losses, sum(not torch.equal(a, p) for a, p in zip(before, trainer.params)) / len(before)
+
+
+def test_non_finite_loss_stops_the_run_with_its_step_and_saves_nothing(tmp_path, capsys):
+    """A NaN smoothness weight makes the loss NaN from step 1: diffsql-train goes on to the next
+    agreement step, before the step-2 checkpoint, and exits 1 naming step 1; nothing is saved."""
+    from diffsql_model.train.cli import main
+
+    torch.set_num_threads(1)
+    config = kitti_config(tmp_path, runtime={"checkpoint_every": 2})
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--out", str(out), "--set", "loss.smoothness=.nan"]) == 1
+    err = capsys.readouterr().err
+    assert "loss is not finite (NaN or inf) at step 1 on rank 0" in err, err
+    assert not (out / "last.pt").exists()
+    # The step with non-finite gradients leaves the weights as they were.
+    from diffsql_model.train.trainer import Trainer
+
+    trainer = Trainer(TrainConfig.load_yaml(config).with_overrides(["loss.smoothness=.nan"]), out)
+    before = [p.detach().clone() for p in trainer.params]
+    _, losses, _, _ = trainer.train_step(trainer._to_device(next(iter(trainer.loader))))
+    assert not torch.isfinite(losses["loss"])
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+
+def test_batched_validation_matches_frame_by_frame(kitti_raw):
+    """12 real KITTI frames with LiDAR depth: batches of 8 (8 + 4) and 5 give the per-frame
+    metrics of one frame at a time."""
+    from diffsql_model.checkpoint import build_model
+    from diffsql_model.data.kitti import KittiRawDataset
+    from diffsql_model.presets import get_preset
+    from diffsql_model.train.validate import validate
+
+    torch.set_num_threads(1)
+    lines = [f"2011_09_26/2011_09_26_drive_0001_sync {f} {s}" for f in range(6) for s in "lr"]
+    val_set = KittiRawDataset(kitti_raw, lines, 64, 192, frame_ids=[0], is_train=False, load_depth=True)
+    torch.manual_seed(0)
+    model = build_model(get_preset("lite", height=64, width=192)).train()
+    one = validate(model, val_set, torch.device("cpu"), batch_size=1)
+    assert one["frames"] == 12 and model.training  # train mode restored
+    for batch_size in (8, 5):
+        batched = validate(model, val_set, torch.device("cpu"), batch_size=batch_size)
+        assert batched.keys() == one.keys()
+        for key, value in one.items():
+            assert batched[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (batch_size, key)
+    assert validate(model, val_set, torch.device("cpu"), max_frames=5, batch_size=8)["frames"] == 5
+
+
+def test_rng_state_restores_every_generator_and_loads_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    from diffsql_model.train.state import rng_state, set_rng_state
+
+    cpu = torch.device("cpu")
+    torch.save(rng_state(cpu), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert "cuda" not in state  # a CPU run stores no GPU generator
+    set_rng_state(state, cpu)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_only_modules_with_running_stats_sync_buffers_every_forward():
+    import torch.nn as nn
+
+    from diffsql_model.pose_net import PoseNet
+    from diffsql_model.train.distributed import has_running_stats
+
+    assert has_running_stats(PoseNet(18))  # ResNet BatchNorm
+    assert not has_running_stats(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)))
+    assert not has_running_stats(nn.BatchNorm2d(8, track_running_stats=False))
 
 
 def _params(path) -> dict:
@@ -260,7 +344,7 @@ def test_lite_learns_depth_on_synthetic_drives(tmp_path, mode):
     of a drive it never trained on far better than the untrained model (AbsRel with per-image
     median scaling)."""
     from diffsql_model.train.datasets import build_datasets
-    from diffsql_model.train.synthetic_setup import make_synthetic_kitti
+    from diffsql_model.data.synthetic_kitti import make_synthetic_kitti
     from diffsql_model.train.validate import validate
 
     frame_ids, drives, steps, rel_bound, d1_bound = LEARNING_RUNS[mode]

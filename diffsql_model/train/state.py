@@ -10,8 +10,10 @@ import torch
 from ..checkpoint import CheckpointError
 
 
-def rng_state() -> dict:
-    """python / numpy / torch (+ CUDA) generator states in weights_only-loadable form."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """python / numpy / torch generator states in weights_only-loadable form, plus the CUDA
+    generator of `device` when it is a GPU: this process's own only, since reading every GPU's
+    state would open a context on each of them from every rank."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -20,19 +22,20 @@ def rng_state() -> dict:
                   int(np_has_gauss), float(np_gauss)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s generators; the CUDA one goes to `device` (when it is a GPU)."""
     py_version, py_state, py_gauss = state["python"]
     random.setstate((int(py_version), tuple(int(v) for v in py_state.tolist()), py_gauss))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_everything(seed: int) -> None:

@@ -2,6 +2,11 @@
 
 One `Trainer` per process; under `torchrun` each process holds one DDP replica and one shard of
 the data, rank 0 logs and writes checkpoints. `Trainer(cfg, out_dir, resume).run()`.
+
+Stopping is decided by all ranks together: the time budget and non-finite losses are reduced over
+the ranks every `runtime.sync_every` steps, at every checkpoint / validation step and at the last
+one, so no rank leaves the others waiting in a collective. Between those steps nothing waits for
+the GPU: the loss check stays on the device.
 """
 from __future__ import annotations
 
@@ -10,25 +15,29 @@ import pathlib
 import time
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state, load_state_strict,
                           model_state, save_checkpoint)
-from ..inference import PRECISIONS
-from ..inference import resolve_device as inference_device
+from ..device import PRECISIONS
+from ..device import resolve_device as inference_device
 from ..losses import SelfSupervisedLoss
-from ..pose_net import PoseNet, transformation_from_parameters
+from ..pose_net import PoseNet, relative_pose
 from .config import TrainConfig, resolve_model_config
 from .datasets import build_datasets
-from .distributed import DistContext, ResumableSampler, barrier
+from .distributed import DistContext, ResumableSampler, all_reduce_max, barrier, wrap_ddp
+from .progress import RunLogger, StepTimer
 from .state import check_resumable, rng_state, seed_everything, set_rng_state
+from .validate import validate
 
 def resolve_device(name: str, ctx: DistContext) -> torch.device:
     """The inference resolver (auto -> cuda/cpu; cuda without a GPU is a clear error), then the
-    process's own GPU under torchrun."""
+    process's own GPU under torchrun (where a GPU named by the config would be shared by all)."""
     device = inference_device(name)
-    if device.type == "cuda" and device.index is None and ctx.enabled:
+    if device.type == "cuda" and ctx.enabled:
+        if device.index not in (None, ctx.local_rank):
+            raise ValueError(f"runtime.device {name!r} under torchrun: each process trains on its own "
+                             f"GPU (cuda:LOCAL_RANK); set runtime.device to cuda or auto")
         device = torch.device("cuda", ctx.local_rank)
     return device
 
@@ -39,32 +48,70 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx or DistContext()
         self.out = pathlib.Path(out_dir or cfg.runtime.log_dir)
         self.device = resolve_device(cfg.runtime.device, self.ctx)
+        if self.device.type == "cuda":  # streams, timing events and pinned batches on this GPU
+            torch.cuda.set_device(self.device)
+        if cfg.runtime.precision == "fp16" and self.device.type != "cuda":
+            # Measured: without CUDA loss scaling most fp16 gradients underflow to zero.
+            raise ValueError("runtime.precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
+        self.autocast_dtype = None if cfg.runtime.precision == "fp32" else PRECISIONS[cfg.runtime.precision]
         self.model_cfg = resolve_model_config(cfg.model)
         self.frame_ids = cfg.data.frame_ids
+        self._build_networks()
+        self._build_optimizer()
+        self._build_data()
 
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.train_seconds, self.best = 0.0, math.inf
+        self.last_val: dict = {}
+        # First step (1-based) with a non-finite loss on this rank, 0 while none: kept on the device.
+        self.first_bad_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        if resume:
+            self._resume()
+            if self.ctx.is_main:
+                print(f"resumed from {self.out / 'last.pt'} at step {self.step} (epoch {self.epoch})",
+                      flush=True)
+
+        self.ddp_model, self.ddp_pose = self.model, self.pose_net
+        if self.ctx.enabled:
+            self.ddp_model = wrap_ddp(self.model, self.device)
+            if self.pose_net is not None:
+                self.ddp_pose = wrap_ddp(self.pose_net, self.device)
+
+    def _build_networks(self) -> None:
+        cfg = self.cfg
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a
         # rank-specific stream for augmentation and loss noise.
         seed_everything(cfg.runtime.seed)
-        self.model = build_model(self.model_cfg).to(self.device)
+        self.model = build_model(self.model_cfg, device=self.device,
+                                 precision=cfg.runtime.precision).to(self.device)
         self.pose_net = None
         if cfg.data.temporal_ids:
             self.pose_net = PoseNet(cfg.model.pose_layers, cfg.model.pose_weights).to(self.device)
         seed_everything(cfg.runtime.seed + 1000 * self.ctx.rank + 1)
 
+    def _build_optimizer(self) -> None:
+        optim = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]  # frozen SD excluded
         if self.pose_net is not None:
             params += list(self.pose_net.parameters())
         self.params = params
-        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # Fused Adam: one kernel for all parameters, and with GradScaler no host sync for inf checks.
+        self.optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                          fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=cfg.optim.lr_step_epochs, gamma=cfg.optim.lr_gamma)
-        self.loss_fn = SelfSupervisedLoss(cfg.loss)
-        self.autocast_dtype = None if cfg.runtime.precision == "fp32" else PRECISIONS[cfg.runtime.precision]
-        if cfg.runtime.precision == "fp16" and self.device.type != "cuda":
-            # Measured: without CUDA loss scaling most fp16 gradients underflow to zero.
-            raise ValueError("runtime.precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.runtime.precision == "fp16")
+            self.optimizer, step_size=optim.lr_step_epochs, gamma=optim.lr_gamma)
+        # Its per-step depth check would be a host sync; non-finite losses are caught on the device.
+        self.loss_fn = SelfSupervisedLoss(self.cfg.loss, check_depth=False)
+        # fp16: dynamic loss scaling. fp32 / bf16: a fixed scale of 1 (never grown), so the scaler
+        # only skips steps whose (all-reduced) gradients are not finite: a NaN on one rank leaves
+        # every replica's weights as they were until the ranks agree to stop. Steps on NaN weights
+        # are not harmless: grid_sample's CPU backward segfaults on NaN sampling coordinates.
+        self.loss_scaling = self.cfg.runtime.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.loss_scaling else \
+            torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=2 ** 31 - 1)
 
+    def _build_data(self) -> None:
+        cfg = self.cfg
         self.train_set, self.val_set = build_datasets(cfg.data, self.model_cfg)
         if len(self.train_set) < cfg.optim.batch_size * self.ctx.world_size:
             raise ValueError(f"training set has {len(self.train_set)} samples, fewer than one batch "
@@ -78,23 +125,6 @@ class Trainer:
             persistent_workers=False, generator=torch.Generator().manual_seed(cfg.runtime.seed))
         self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
 
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.train_seconds, self.best = 0.0, math.inf
-        self.last_val: dict = {}
-        if resume:
-            self._resume()
-            if self.ctx.is_main:
-                print(f"resumed from {self.out / 'last.pt'} at step {self.step} (epoch {self.epoch})",
-                      flush=True)
-
-        self.ddp_model, self.ddp_pose = self.model, self.pose_net
-        if self.ctx.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-            if self.pose_net is not None:
-                self.ddp_pose = nn.parallel.DistributedDataParallel(self.pose_net, device_ids=ids)
-        self.writer = None
-
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
         state = {
@@ -104,12 +134,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "train_seconds": self.train_seconds, "best": self.best,
-            "val_metrics": dict(self.last_val), "rng": rng_state(),
+            "val_metrics": dict(self.last_val), "rng": rng_state(self.device),
             "train_config": self.cfg.to_dict(),
         }
         if self.pose_net is not None:
             state["pose_net"] = self.pose_net.state_dict()
-        if self.scaler.is_enabled():
+        if self.loss_scaling:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
 
@@ -128,7 +158,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            if "grad_scaler" in state and self.scaler.is_enabled():
+            if "grad_scaler" in state and self.loss_scaling:
                 self.scaler.load_state_dict(state["grad_scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: optimizer state does not fit this run: {e}") from None
@@ -138,7 +168,7 @@ class Trainer:
         self.best = float(state.get("best", math.inf))
         self.last_val = dict(state.get("val_metrics", {}))
         if self.ctx.is_main and "rng" in state:
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], self.device)
         else:  # other ranks: a fresh stream, still a function of (seed, rank, step)
             seed_everything(self.cfg.runtime.seed + 1000 * self.ctx.rank + 7 * self.step + 1)
 
@@ -152,15 +182,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             outputs = self.ddp_model(batch[("color_aug", 0)])
-            poses = {}
-            for f in self.cfg.data.temporal_ids:
-                # Frames fed in temporal order; past sources invert the predicted motion so
-                # T always maps target points into the source camera (X_src = T X_tgt).
-                a, b = (batch[("color_aug", f)], batch[("color_aug", 0)]) if f < 0 else \
-                    (batch[("color_aug", 0)], batch[("color_aug", f)])
-                axisangle, translation = self.ddp_pose(a, b)
-                poses[f] = transformation_from_parameters(axisangle.float(), translation.float(),
-                                                          invert=f < 0)
+            poses = {f: relative_pose(self.ddp_pose, batch[("color_aug", 0)], batch[("color_aug", f)], f)
+                     for f in self.cfg.data.temporal_ids}
         if self.cfg.data.stereo:
             poses["s"] = batch["stereo_T"].float()
         sources = {f: batch[("color", f)] for f in poses}
@@ -170,14 +193,20 @@ class Trainer:
         return outputs, losses
 
     def train_step(self, batch: dict) -> tuple[dict, dict, float, float]:
-        """One optimisation step; returns (outputs, losses, forward seconds, backward seconds)."""
-        t0 = time.perf_counter()
+        """One optimisation step; returns (outputs, losses, forward seconds, backward seconds).
+        Waits for the device to time the step (bench/train_step.py); `run` reads times lazily."""
+        outputs, losses, timer = self._step(batch)
+        return outputs, losses, *timer.seconds()
+
+    def _step(self, batch: dict) -> tuple[dict, dict, StepTimer]:
+        timer = StepTimer(self.device)
+        timer.mark()
         outputs, losses = self.forward_losses(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping "
-                                     f"(last checkpoint kept in {self.out})")
-        t1 = time.perf_counter()
+        # Recorded on the device, read at the next agreement step (no host sync per step).
+        self.first_bad_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_step == 0),
+                                         self.step + 1)
+        timer.mark()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip > 0:
@@ -185,9 +214,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return outputs, losses, t1 - t0, time.perf_counter() - t1
+        timer.mark()
+        return outputs, losses, timer
 
     # ---------------------------------------------------------------- loop
     def total_steps(self) -> int:
@@ -199,63 +227,90 @@ class Trainer:
         return budget > 0 and self.train_seconds >= budget
 
     def run(self) -> dict:
-        from .progress import RunLogger
-
         log = RunLogger(self, enabled=self.ctx.is_main)
         total = self.total_steps()
         self.model.train()
         if self.pose_net is not None:
             self.pose_net.train()
-        waited = busy = 0.0
+        self.waited = self.busy = 0.0
+        # train_seconds and step come from the checkpoint on every rank: the same decision.
         stop = self.step >= total or self._out_of_time()
         while not stop:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.set_start(self.batch_in_epoch * self.cfg.optim.batch_size)
-            t_wait = time.perf_counter()
-            for batch in self.loader:
-                batch = self._to_device(batch)
-                t_start = time.perf_counter()
-                outputs, losses, t_fwd, t_bwd = self.train_step(batch)
-                t_end = time.perf_counter()
-                wait = t_start - t_wait
-                waited, busy = waited + wait, busy + (t_end - t_start)
-                self.train_seconds += t_end - t_wait
-                self.step += 1
-                self.batch_in_epoch += 1
-                log.step(batch, outputs, losses, wait, t_fwd, t_bwd, t_end - t_wait, total)
-                stop = self.step >= total or self._out_of_time()
-                if self.batch_in_epoch >= self.steps_per_epoch:
-                    self._end_epoch()
-                if self.cfg.runtime.val_every and self.step % self.cfg.runtime.val_every == 0 and not stop:
-                    self._validate(log)
-                if self.step % self.cfg.runtime.checkpoint_every == 0 or stop:
-                    if stop and self.val_set is not None:
-                        self._validate(log)
-                    self.save("last.pt")
-                    barrier(self.ctx)
-                if stop:
-                    break
-                t_wait = time.perf_counter()
+            stop = self._train_epoch(log, total)
         if not self.last_val and self.val_set is not None:
             self._validate(log)
         summary = {"step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
-                   "data_wait_fraction": waited / max(waited + busy, 1e-9),
+                   "data_wait_fraction": self.waited / max(self.waited + self.busy, 1e-9),
                    "images_per_s": log.images_per_s(), "val": dict(self.last_val),
                    "best_abs_rel": self.best if math.isfinite(self.best) else None}
         log.close(summary)
         return summary
+
+    def _train_epoch(self, log: RunLogger, total: int) -> bool:
+        """Steps from the current position to the end of the epoch; True when training stops."""
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_start(self.batch_in_epoch * self.cfg.optim.batch_size)
+        t_wait = time.perf_counter()
+        for batch in self.loader:
+            batch = self._to_device(batch)
+            t_start = time.perf_counter()
+            outputs, losses, timer = self._step(batch)
+            t_end = time.perf_counter()
+            self.waited, self.busy = self.waited + t_start - t_wait, self.busy + t_end - t_start
+            self.train_seconds += t_end - t_wait
+            self.step += 1
+            self.batch_in_epoch += 1
+            log.step(batch, outputs, losses, t_start - t_wait, timer, t_end - t_wait, total)
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self._end_epoch()
+            if self._after_step(log, total):
+                return True
+            t_wait = time.perf_counter()
+        return False
+
+    def _after_step(self, log: RunLogger, total: int) -> bool:
+        """Agreement, validation and checkpoint due at this step; True when training stops here.
+        Every rank takes the same branches: they depend on the step and the reduced flags only."""
+        rt = self.cfg.runtime
+        validate_now = bool(rt.val_every) and self.step % rt.val_every == 0
+        save_now = self.step % rt.checkpoint_every == 0
+        last = self.step >= total
+        if not (validate_now or save_now or last or self.step % rt.sync_every == 0):
+            return False
+        stop = self._agree_to_stop() or last  # raises on a non-finite loss: nothing NaN is saved
+        if validate_now or (stop and self.val_set is not None):
+            self._validate(log)
+        if save_now or stop:
+            self.save("last.pt")
+            barrier(self.ctx)
+        return stop
+
+    def _agree_to_stop(self) -> bool:
+        """Reduce [out of time, each rank's first non-finite step] over the ranks (waits for the
+        device). True when any rank is out of time; FloatingPointError on every rank, naming the
+        earliest bad step and its rank, when any loss was not finite."""
+        flags = torch.zeros(1 + self.ctx.world_size, dtype=torch.int64, device=self.device)
+        flags[0] = int(self._out_of_time())
+        flags[1 + self.ctx.rank] = self.first_bad_step
+        out_of_time, *bad_steps = all_reduce_max(flags, self.ctx).tolist()
+        bad = [(step, rank) for rank, step in enumerate(bad_steps) if step > 0]
+        if bad:
+            step, rank = min(bad)
+            raise FloatingPointError(
+                f"loss is not finite (NaN or inf) at step {step} on rank {rank}; training stopped on "
+                f"all {self.ctx.world_size} process(es), the last checkpoint in {self.out} (if any) "
+                f"is from an earlier step")
+        return bool(out_of_time)
 
     def _end_epoch(self) -> None:
         self.epoch += 1
         self.batch_in_epoch = 0
         self.scheduler.step()  # lr x gamma every lr_step_epochs epochs
 
-    def _validate(self, log) -> None:
+    def _validate(self, log: RunLogger) -> None:
         if self.val_set is None:
             return
         if self.ctx.is_main:
-            from .validate import validate
-
             self.last_val = validate(self.model, self.val_set, self.device,
                                      max_frames=self.cfg.data.val_max_frames,
                                      crop=self.cfg.data.val_crop)
@@ -264,4 +319,3 @@ class Trainer:
                 self.best = self.last_val["abs_rel"]
                 self.save("best.pt")
         barrier(self.ctx)
-

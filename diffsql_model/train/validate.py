@@ -13,35 +13,33 @@ from ..eval.metrics import evaluate_frame, garg_crop_mask, mean_metrics, resize_
 @torch.no_grad()
 def validate(model: torch.nn.Module, dataset, device: torch.device, *, max_frames: int = 200,
              crop: str = "garg", min_depth: float = 1e-3, max_depth: float = 80.0,
-             scaling: str = "median") -> dict:
+             scaling: str = "median", batch_size: int = 8) -> dict:
     """Mean metrics over up to `max_frames` samples of `dataset` that carry "depth_gt".
 
-    The prediction is resized (bilinear) to the ground-truth size, compared on valid pixels
+    The model runs on `batch_size` frames at a time (eval mode: the same depth as one by one).
+    Each prediction is resized (bilinear) to its ground-truth size, compared on valid pixels
     (min_depth < gt < max_depth, inside the Garg crop unless crop="none"), median-scaled per
     image (scaling="median") or taken as metric (scaling="none"). Adds "scale_median", the
     median of the per-image ratios (about 1 for a metric MS model), and "frames"."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     per_frame, ratios = [], []
     try:
         n = min(len(dataset), max_frames) if max_frames > 0 else len(dataset)
-        for i in range(n):
-            sample = dataset[i]
-            if "depth_gt" not in sample:
+        for start in range(0, n, batch_size):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            if any("depth_gt" not in sample for sample in samples):
                 raise ValueError("validation sample has no 'depth_gt' (validation needs ground truth)")
-            gt = sample["depth_gt"].squeeze().cpu().numpy().astype(np.float32)
-            image = sample[("color", 0)].unsqueeze(0).to(device)
-            pred = model(image)["depth"][0, 0].float().cpu().numpy()
-            pred = resize_prediction(pred, *gt.shape)
-            valid = (gt > min_depth) & (gt < max_depth)
-            if crop == "garg":
-                valid &= garg_crop_mask(*gt.shape)
-            if valid.sum() < 10:
-                continue
-            metrics, ratio = evaluate_frame(gt, pred, valid, scaling=scaling, scale=1.0,
-                                            clip=(min_depth, max_depth))
-            per_frame.append(metrics)
-            ratios.append(ratio)
+            images = torch.stack([sample[("color", 0)] for sample in samples]).to(device)
+            preds = model(images)["depth"][:, 0].float().cpu().numpy()
+            for sample, pred in zip(samples, preds):
+                gt = sample["depth_gt"].squeeze().cpu().numpy().astype(np.float32)
+                result = _frame_metrics(gt, pred, crop, min_depth, max_depth, scaling)
+                if result is not None:
+                    per_frame.append(result[0])
+                    ratios.append(result[1])
     finally:
         model.train(was_training)
     if not per_frame:
@@ -50,6 +48,18 @@ def validate(model: torch.nn.Module, dataset, device: torch.device, *, max_frame
     result["scale_median"] = float(np.median(ratios))
     result["frames"] = len(per_frame)
     return result
+
+
+def _frame_metrics(gt: np.ndarray, pred: np.ndarray, crop: str, min_depth: float, max_depth: float,
+                   scaling: str):
+    """(metrics, scale ratio) of one frame, None when it has fewer than 10 valid pixels."""
+    pred = resize_prediction(pred, *gt.shape)
+    valid = (gt > min_depth) & (gt < max_depth)
+    if crop == "garg":
+        valid &= garg_crop_mask(*gt.shape)
+    if valid.sum() < 10:
+        return None
+    return evaluate_frame(gt, pred, valid, scaling=scaling, scale=1.0, clip=(min_depth, max_depth))
 
 
 def _colorize(maps: torch.Tensor, colormap: int) -> torch.Tensor:
