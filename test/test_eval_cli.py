@@ -226,7 +226,7 @@ def test_checkpoint_inference(kitti_shared_root, tmp_path):
     assert all(np.isfinite(v) for v in m.values()) and 0 < m["abs_rel"] < 10 and 0 <= m["a1"] <= 1
     # the same network run by hand on the training resize gives the same numbers via --predictions
     from diffsql_model.data.augment import to_tensor_resized
-    from diffsql_model.data.kitti import load_rgb
+    from diffsql_model.data.images import load_rgb
 
     model.eval()
     maps = []

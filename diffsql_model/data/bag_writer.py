@@ -17,7 +17,8 @@ from scipy.spatial.transform import Rotation
 from diffsql_model.data.bag_types import TF_STATIC_TOPIC, TF_TYPE, get_bag_typestore
 from diffsql_model.data.calib import load_kitti_calib, read_calib_file
 from diffsql_model.data.ground_truth import read_velodyne_bin
-from diffsql_model.data.kitti import load_rgb, read_kitti_timestamps
+from diffsql_model.data.images import load_rgb
+from diffsql_model.data.kitti import read_kitti_timestamps
 from diffsql_model.data.ros_fields import spelling
 
 FORMATS = ("ros1", "sqlite3", "mcap")

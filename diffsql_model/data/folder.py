@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from diffsql_model.data.augment import AugmentConfig, build_sample, draw_augmentation
-from diffsql_model.data.kitti import load_rgb
+from diffsql_model.data.images import load_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 

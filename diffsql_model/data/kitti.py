@@ -5,6 +5,7 @@ Layout: `<root>/<date>/<drive>/image_02|image_03/data/<frame:010d>.png|jpg`, cal
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -12,7 +13,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffsql_model.data.augment import (
     AugmentConfig,
@@ -21,6 +21,8 @@ from diffsql_model.data.augment import (
     normalised_kitti_K,
 )
 from diffsql_model.data.calib import load_kitti_calib, stereo_baseline
+from diffsql_model.data.ground_truth import MissingGroundTruth
+from diffsql_model.data.images import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,41 @@ def read_kitti_timestamps(path: str | pathlib.Path) -> list[int]:
     return out
 
 
-def load_rgb(path: pathlib.Path) -> np.ndarray:
-    """Image file -> H x W x 3 uint8 RGB (clear error for a missing or corrupt file)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise KittiDataError(f"image not found: {path}") from None
-    except OSError as err:
-        raise KittiDataError(f"image {path} is corrupt or unreadable: {err}") from err
+@dataclasses.dataclass(frozen=True)
+class SplitLine:
+    folder: str  # "<date>/<date>_drive_<n>_sync"
+    frame: int
+    side: str  # "l" (image_02) or "r" (image_03)
+
+    @property
+    def cam(self) -> int:
+        return 2 if self.side == "l" else 3
+
+    def __str__(self) -> str:
+        return f"{self.folder} {self.frame} {self.side}"
+
+
+def read_split_file(path: str | pathlib.Path) -> list[SplitLine]:
+    """`<date>/<drive> <frame> <l|r>` lines (blank lines skipped; the training loader's parser);
+    a bad line or an empty file is an error."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    lines = [SplitLine(*line) for line in parse_split_lines(path.read_text().splitlines(), str(path))]
+    if not lines:
+        raise ValueError(f"split file {path} lists no frames")
+    return lines
+
+
+def benchmark_gt_path(depth_root: pathlib.Path, line: SplitLine) -> pathlib.Path:
+    """The improved ground truth of a split line, looked up in depth/train then depth/val."""
+    drive = line.folder.rstrip("/").split("/")[-1]
+    rel = pathlib.Path(drive, "proj_depth", "groundtruth", f"image_0{line.cam}", f"{line.frame:010d}.png")
+    candidates = [depth_root / sub / rel for sub in ("train", "val")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise MissingGroundTruth(f"no improved ground truth at {candidates[0]} or {candidates[1]}")
 
 
 class KittiRawDataset(torch.utils.data.Dataset):

@@ -9,6 +9,7 @@ import numpy as np
 import scipy.io
 
 from diffsql_model.data.ground_truth import GroundTruthError, MissingGroundTruth
+from diffsql_model.data.images import load_rgb
 
 IMAGE_PREFIX = "img-"
 DEPTH_PREFIX = "depth_sph_corr-"
@@ -59,9 +60,7 @@ def load_make3d_depth(path: str | pathlib.Path) -> np.ndarray:
 
 def load_make3d_image(path: str | pathlib.Path) -> np.ndarray:
     """Make3D JPEG -> H x W x 3 uint8 RGB (2272 x 1704 for the dataset's images), decoded as the
-    training loaders decode (`kitti.load_rgb`)."""
-    from diffsql_model.data.kitti import load_rgb  # kitti imports torch; keep make3d light
-
+    training loaders decode (`images.load_rgb`)."""
     return load_rgb(pathlib.Path(path))
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from diffsql_model.data import ground_truth as gtlib
 from diffsql_model.data import make3d as m3d
 from diffsql_model.data.calib import load_kitti_calib
-from diffsql_model.data.kitti import load_rgb, parse_split_lines
+from diffsql_model.data.images import load_rgb
+from diffsql_model.data.kitti import SplitLine, benchmark_gt_path, read_split_file  # noqa: F401  (read_split_file: eval/cli until its move)
 from diffsql_model.eval import metrics as M
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
@@ -73,32 +74,6 @@ class Frame:
     load_image: Callable[[], np.ndarray] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitLine:
-    folder: str  # "<date>/<date>_drive_<n>_sync"
-    frame: int
-    side: str  # "l" (image_02) or "r" (image_03)
-
-    @property
-    def cam(self) -> int:
-        return 2 if self.side == "l" else 3
-
-    def __str__(self) -> str:
-        return f"{self.folder} {self.frame} {self.side}"
-
-
-def read_split_file(path: str | pathlib.Path) -> list[SplitLine]:
-    """`<date>/<drive> <frame> <l|r>` lines (blank lines skipped; the training loader's parser);
-    a bad line or an empty file is an error."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    lines = [SplitLine(*line) for line in parse_split_lines(path.read_text().splitlines(), str(path))]
-    if not lines:
-        raise ValueError(f"split file {path} lists no frames")
-    return lines
-
-
 def resolve_kitti_data(data: str | pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path | None]:
     """--data -> (raw root, depth root); either may be None when that layout is absent."""
     data = pathlib.Path(data)
@@ -143,17 +118,6 @@ def eigen_frames(lines: Sequence[SplitLine], raw_root: pathlib.Path, gt_depth: s
         return lambda: gtlib.velodyne_depth_map(gtlib.read_velodyne_bin(scan), calib, depth=gt_depth)
 
     return [Frame(str(ln), gt_loader(ln), _kitti_image_loader(raw_root, ln)) for ln in lines]
-
-
-def benchmark_gt_path(depth_root: pathlib.Path, line: SplitLine) -> pathlib.Path:
-    """The improved ground truth of a split line, looked up in depth/train then depth/val."""
-    drive = line.folder.rstrip("/").split("/")[-1]
-    rel = pathlib.Path(drive, "proj_depth", "groundtruth", f"image_0{line.cam}", f"{line.frame:010d}.png")
-    candidates = [depth_root / sub / rel for sub in ("train", "val")]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise gtlib.MissingGroundTruth(f"no improved ground truth at {candidates[0]} or {candidates[1]}")
 
 
 def eigen_benchmark_frames(lines: Sequence[SplitLine], depth_root: pathlib.Path | None,

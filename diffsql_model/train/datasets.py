@@ -7,6 +7,7 @@ import torch
 
 from ..config import ModelConfig
 from ..yaml_config import ConfigError
+from ..data.kitti import SplitLine, benchmark_gt_path
 from .config import DataConfig
 
 
@@ -15,8 +16,6 @@ class WithDepthPng(torch.utils.data.Dataset):
     truth layout `<depth_root>/{train,val}/<drive>/proj_depth/groundtruth/image_0X/<frame>.png`)."""
 
     def __init__(self, base, depth_root: str | pathlib.Path):
-        from ..eval.protocols import SplitLine, benchmark_gt_path
-
         self.base = base
         self.paths = [benchmark_gt_path(pathlib.Path(depth_root), SplitLine(folder, frame, side))
                       for folder, frame, side in base.lines]  # fails now, naming a missing PNG
