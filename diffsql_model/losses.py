@@ -188,5 +188,7 @@ class SelfSupervisedLoss:
             "photometric": photo_sum / n,
             "smoothness": smooth_sum / n,
             "automask_fraction": (mask_frac / n) if cfg.automask else torch.tensor(1.0),
+            # The network's own scale (before any normalisation): free in M training, so watched.
+            "mean_depth": depths[cfg.scales[0]].detach().mean(),
             "warped": warped_out,
         }

@@ -53,3 +53,33 @@ def test_pose_validation_pairs_frames_with_their_true_motion(tmp_path):
     assert metrics["pose_pairs"] == 6
     assert 0 <= metrics["pose_rotation_deg"] < 180 and 0 <= metrics["pose_translation_dir_deg"] <= 180
 
+
+
+def test_monocular_training_reports_pose_error_and_mean_depth(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffsql_model.train.config import TrainConfig
+    from diffsql_model.train.trainer import Trainer
+
+    data = make_synthetic_kitti(tmp_path / "syn", train_seeds=(0,), val_seed=9, num_frames=5,
+                                width=192, height=64, val_frames=4, world="varied")
+    cfg = TrainConfig.from_dict({
+        "model": {"preset": "lite", "overrides": {"height": 64, "width": 192}},
+        "data": {"kind": "kitti", **data, "frame_ids": [0, -1, 1], "val_crop": "none"},
+        "optim": {"batch_size": 2, "max_steps": 2},
+        "runtime": {"device": "cpu", "num_workers": 0, "val_every": 0, "log_every": 1,
+                    "image_every": 0, "progress": False},
+    })
+    summary = Trainer(cfg, tmp_path / "out").run()
+    val = summary["val"]
+    assert val["pose_pairs"] == 4  # validation frames 1 and 2 of 0-3, each with two sources
+    for key in ("pose_rotation_deg", "pose_translation_dir_deg", "pose_translation_mag_err"):
+        assert math.isfinite(val[key]) and val[key] >= 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["val"]["pose_pairs"] == 4
+    acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    mean_depth = [e.value for e in acc.Scalars("train/mean_depth")]
+    assert len(mean_depth) == 2 and all(0.1 <= v <= 80 for v in mean_depth)
+    assert [e.value for e in acc.Scalars("val/pose_pairs")] == [4.0]

@@ -91,7 +91,7 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}",
                                  wait=f"{self.waited / max(self.total, 1e-9):.0%}")
         w.add_scalar("train/loss", loss, step)
-        for key in ("photometric", "smoothness", "automask_fraction"):
+        for key in ("photometric", "smoothness", "automask_fraction", "mean_depth"):
             if key in losses:
                 w.add_scalar(f"train/{key}", float(losses[key]), step)
         w.add_scalar("train/lr", self.t.optimizer.param_groups[0]["lr"], step)
@@ -110,6 +110,10 @@ class RunLogger:
                 self.writer.add_scalar(f"val/{key}", value, self.t.step)
         msg = (f"step {self.t.step}: val AbsRel {metrics['abs_rel']:.4f} RMSE {metrics['rmse']:.3f} "
                f"d1 {metrics['a1']:.3f} ({metrics['frames']} frames, scale {metrics['scale_median']:.3g})")
+        if "pose_rotation_deg" in metrics:
+            msg += (f"; pose error: rotation {metrics['pose_rotation_deg']:.3f} deg, translation "
+                    f"direction {metrics['pose_translation_dir_deg']:.2f} deg, magnitude "
+                    f"{metrics['pose_translation_mag_err']:.3f}")
         if self.bar is not None:
             self.bar.write(msg)
         else:

@@ -27,6 +27,7 @@ from .config import TrainConfig, resolve_model_config
 from .datasets import build_datasets
 from .distributed import DistContext, ResumableSampler, all_reduce_max, barrier, wrap_ddp
 from .progress import RunLogger, StepTimer
+from .pose_validation import PoseValidationSet, validate_pose
 from .state import check_resumable, rng_state, seed_everything, set_rng_state
 from .validate import validate
 
@@ -124,6 +125,11 @@ class Trainer:
             num_workers=cfg.runtime.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False, generator=torch.Generator().manual_seed(cfg.runtime.seed))
         self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
+        # Drives with true poses (poses.txt: every synthetic drive) also grade PoseNet.
+        self.pose_val = None
+        if self.pose_net is not None and cfg.data.kind == "kitti" and cfg.data.val_split:
+            self.pose_val = PoseValidationSet(cfg.data.val_root or cfg.data.root, cfg.data.val_split,
+                                              self.model_cfg.height, self.model_cfg.width)
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
@@ -314,6 +320,9 @@ class Trainer:
             self.last_val = validate(self.model, self.val_set, self.device,
                                      max_frames=self.cfg.data.val_max_frames,
                                      crop=self.cfg.data.val_crop)
+            if self.pose_val is not None and len(self.pose_val):
+                self.last_val.update(validate_pose(self.pose_net, self.pose_val, self.device,
+                                                   max_frames=self.cfg.data.val_max_frames))
             log.validation(self.last_val)
             if self.last_val["abs_rel"] < self.best:
                 self.best = self.last_val["abs_rel"]
