@@ -6,6 +6,7 @@ edge-aware smoothness on mean-normalised inverse depth (Eq. 13), total loss (Eq.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Union
 
 import torch
@@ -102,6 +103,10 @@ class LossConfig(YamlConfig):
     # "auto": on when no source is the stereo partner "s" (M training), off otherwise (MS,
     # stereo: the known baseline fixes metric scale); "on" / "off" force it. See normalize_depth.
     depth_normalization: str = "auto"
+    # With normalisation the loss leaves the network's depth scale free, and it drifts. Weight of
+    # (log mean depth - log scale_anchor_depth)^2, acting only on that free scale; 0 = off.
+    scale_anchor: float = 0.0
+    scale_anchor_depth: float = 10.0  # metres: mid-range of the bins, not a claim of metric scale
 
     def __post_init__(self):
         if self.depth_normalization not in ("auto", "on", "off"):
@@ -111,6 +116,8 @@ class LossConfig(YamlConfig):
             raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
         if self.smoothness < 0:
             raise ConfigError(f"loss.smoothness must be >= 0, got {self.smoothness}")
+        if self.scale_anchor < 0 or self.scale_anchor_depth <= 0:
+            raise ConfigError("loss.scale_anchor must be >= 0 and loss.scale_anchor_depth > 0")
         if not self.scales or any(s < 0 for s in self.scales):
             raise ConfigError(f"loss.scales must be a non-empty list of scales >= 0, got {self.scales}")
 
@@ -183,8 +190,13 @@ class SelfSupervisedLoss:
             if s == cfg.scales[0]:
                 warped_out = {i: v.detach() for i, v in warped.items()}
         n = len(cfg.scales)
+        anchor = torch.zeros((), device=target.device)
+        if normalize and cfg.scale_anchor > 0:
+            log_mean = depths[cfg.scales[0]].mean(dim=(1, 2, 3)).log()  # B
+            anchor = cfg.scale_anchor * (log_mean - math.log(cfg.scale_anchor_depth)).square().mean()
         return {
-            "loss": total / n,
+            "loss": total / n + anchor,
+            "scale_anchor": anchor.detach(),
             "photometric": photo_sum / n,
             "smoothness": smooth_sum / n,
             "automask_fraction": (mask_frac / n) if cfg.automask else torch.tensor(1.0),

@@ -147,3 +147,25 @@ def test_depth_normalization_removes_global_scale_in_m_and_keeps_it_with_stereo(
     assert math.isclose(loss("on", depth, ms_sources), loss("on", 7.0 * depth, ms_sources), rel_tol=1e-6)
     with pytest.raises(ConfigError, match="depth_normalization"):
         LossConfig(depth_normalization="median")
+
+
+def test_scale_anchor_acts_on_the_free_scale_only():
+    torch.manual_seed(0)
+    K, inv_K = _scene(2)
+    tgt, src = torch.rand(2, 2, 3, 24, 32)
+    depth = 2.0 + 8.0 * torch.rand(2, 1, 24, 32)
+    motion = torch.eye(4).repeat(2, 1, 1)
+    motion[:, 2, 3] = -0.2
+    cfg = LossConfig(automask_noise=False, scale_anchor=0.1, scale_anchor_depth=5.0)
+    fn, plain = SelfSupervisedLoss(cfg), SelfSupervisedLoss(LossConfig(automask_noise=False))
+    for k in (0.5, 1.0, 3.0):
+        out, ref = fn(tgt, {1: src}, k * depth, K, inv_K, {1: motion}), plain(tgt, {1: src}, k * depth, K, inv_K, {1: motion})
+        means = (k * depth).mean(dim=(1, 2, 3))
+        expected = 0.1 * ((means.log() - math.log(5.0)) ** 2).mean()  # by hand
+        torch.testing.assert_close(out["scale_anchor"], expected)
+        torch.testing.assert_close(out["loss"], ref["loss"] + expected)
+        torch.testing.assert_close(out["photometric"], ref["photometric"])  # scale-free term unchanged
+    stereo = fn(tgt, {"s": src}, depth, K, inv_K, {"s": motion})  # metric runs: never anchored
+    assert float(stereo["scale_anchor"]) == 0.0
+    with pytest.raises(ConfigError, match="scale_anchor"):
+        LossConfig(scale_anchor=-1.0)
