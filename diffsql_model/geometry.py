@@ -1,4 +1,5 @@
-"""View-synthesis geometry: back-project depth, project into another camera, warp an image.
+"""View-synthesis geometry on torch batches: back-project depth, project into another camera,
+warp an image. Its numpy single-frame counterpart (rays, point clouds, projection) is camera.py.
 
 Pixel convention: pixel (u, v) = (column, row) has its centre at integer coordinates, the same
 convention K uses (cx ~ (W - 1) / 2 for a centred principal point; KITTI's P_rect follows it).

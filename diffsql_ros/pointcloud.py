@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 
+from diffsql_model.camera import ray_grid
 from diffsql_model.data.augment import scale_K
 # Not used here: evaluator_node, test_conversions and test_depth_node still import it from this module.
 from diffsql_model.data.ros_fields import MessageError, camera_matrix
@@ -100,13 +101,7 @@ class PointCloudBuilder:
     def _grid(self, K: np.ndarray, h: int, w: int, step: int):
         key = (K.tobytes(), h, w, step)  # exact K: a stream's camera_info repeats the same values
         if key != self._key:
-            u = np.arange(0, w, step, dtype=np.float64)
-            v = np.arange(0, h, step, dtype=np.float64)
-            # order="C": astype of a broadcast keeps its strides by default, which made rx
-            # column-major and each multiply with it ~5x slower.
-            rx = np.broadcast_to(((u - K[0, 2]) / K[0, 0])[None, :], (v.size, u.size)).astype(np.float32, order="C")
-            ry = np.broadcast_to(((v - K[1, 2]) / K[1, 1])[:, None], (v.size, u.size)).astype(np.float32, order="C")
-            self._key, self._rays = key, (rx, ry)
+            self._key, self._rays = key, ray_grid(K, h, w, step)
         return self._rays
 
     def _buffers(self, shape: tuple[int, int, int]) -> dict:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from diffsql_model.camera import project_points
 from diffsql_ros.conversions import colorize_depth as colorize_depth_rgb
 
 METRIC_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
@@ -90,19 +91,6 @@ def label(image_bgr: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
-def backproject(depth: np.ndarray, K: np.ndarray, stride: int = 4):
-    """Depth HxW + 3x3 K -> (N,3) points in the camera optical frame (x right, y down, z fwd)
-    and the (N,2) integer pixel (row, col) each came from; every `stride`-th pixel."""
-    h, w = depth.shape
-    rows, cols = np.mgrid[0:h:stride, 0:w:stride]
-    z = depth[rows, cols]
-    ok = np.isfinite(z) & (z > 0)
-    rows, cols, z = rows[ok], cols[ok], z[ok]
-    x = (cols - K[0, 2]) * z / K[0, 0]  # pixel centres at integer coordinates, as the node's cloud
-    y = (rows - K[1, 2]) * z / K[1, 1]
-    return np.stack([x, y, z], axis=1).astype(np.float32), np.stack([rows, cols], axis=1)
-
-
 def render_point_cloud(xyz: np.ndarray, rgb: Optional[np.ndarray] = None, size=(640, 360),
                        height: float = 6.0, back: float = 8.0, pitch_deg: float = 25.0,
                        fov_deg: float = 70.0, max_range: float = 60.0, point_px: int = 2) -> np.ndarray:
@@ -126,8 +114,8 @@ def render_point_cloud(xyz: np.ndarray, rgb: Optional[np.ndarray] = None, size=(
     f = 0.5 * w / math.tan(math.radians(fov_deg) / 2)
     front = p[:, 2] > 0.1
     p = p[front]
-    u = np.round(f * p[:, 0] / p[:, 2] + w / 2).astype(np.int64)
-    v = np.round(f * p[:, 1] / p[:, 2] + h / 2).astype(np.int64)
+    u, v = project_points(np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]]), p)
+    u, v = np.round(u).astype(np.int64), np.round(v).astype(np.int64)
     if rgb is not None:
         colours = rgb[front][:, ::-1]
     else:

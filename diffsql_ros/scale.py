@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from diffsql_model.camera import depth_to_points
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
 SCALE_MODES = ("relative", "fixed", "stereo", "camera_height")
@@ -120,13 +121,7 @@ class ScaleEstimator:
         v0 = int(h * (1 - self.cfg.ground_fraction))
         # Subsample the ground band on a regular grid down to ~max_points pixels.
         step = max(1, int(math.sqrt((h - v0) * w / self.cfg.max_points)))
-        vs = np.arange(v0, h, step)
-        us = np.arange(0, w, step)
-        z = depth[v0::step, ::step]
-        uu, vv = np.meshgrid(us, vs)
-        ok = np.isfinite(z) & (z > 0)
-        z, uu, vv = z[ok], uu[ok], vv[ok]
-        pts = np.stack([(uu - K[0, 2]) / K[0, 0] * z, (vv - K[1, 2]) / K[1, 1] * z, z], 1)
+        pts, _ = depth_to_points(depth, K, step, first_row=v0)
         fit = fit_ground_plane(pts.astype(np.float64), self.cfg, self._rng)
         self.last_fit = fit
         if fit is None:

@@ -5,6 +5,7 @@ import math
 import cv2
 import numpy as np
 
+from diffsql_model.camera import depth_to_points
 from diffsql_ros import report as R
 from diffsql_ros.conversions import colorize_depth
 
@@ -84,7 +85,7 @@ def test_report_page_parses_and_references_written_pictures(tmp_path):
     depth = np.linspace(2, 40, 40 * 120, dtype=np.float32).reshape(40, 120)
     unc = 0.1 * depth
     K = np.array([[100.0, 0, 60], [0, 100, 20], [0, 0, 1]])
-    xyz, pix = R.backproject(depth, K, stride=2)
+    xyz, pix = depth_to_points(depth, K, stride=2)
     entries = R.frame_pictures(tmp_path / "pics", "f0", rgb, depth, unc, xyz, rgb[pix[:, 0], pix[:, 1]])
     assert [e[0] for e in entries] == ["input", "depth", "uncertainty", "point cloud"]
     rows = [R.FrameRow("frame 0", [(lbl, f"pics/{src}") for lbl, src in entries])]
@@ -115,7 +116,7 @@ def test_report_page_parses_and_references_written_pictures(tmp_path):
 def test_backproject_inverts_the_pinhole_projection():
     depth = np.full((10, 20), 5.0, np.float32)
     K = np.array([[50.0, 0, 10], [0, 50, 5], [0, 0, 1]])
-    xyz, pix = R.backproject(depth, K, stride=1)
+    xyz, pix = depth_to_points(depth, K, stride=1)
     u = K[0, 0] * xyz[:, 0] / xyz[:, 2] + K[0, 2]
     v = K[1, 1] * xyz[:, 1] / xyz[:, 2] + K[1, 2]
     np.testing.assert_allclose(u, pix[:, 1], atol=1e-4)  # integer pixel centres, as the node's cloud

@@ -18,6 +18,7 @@ import pathlib
 import cv2
 import numpy as np
 
+from ..camera import backproject_pixels
 from .synthetic import T_VELO_TO_CAM, Drive, render_drive
 from .synthetic_worlds import drive_config
 
@@ -43,8 +44,8 @@ def points_lidar(depth: np.ndarray, K: np.ndarray, T_velo_to_cam: np.ndarray = T
     z = depth[vv, uu].astype(np.float64)
     keep = z > 0
     uu, vv, z = uu[keep], vv[keep], z[keep]
-    cam = np.linalg.solve(K, np.stack([uu, vv, np.ones_like(uu)]).astype(np.float64)) * z
-    velo = np.linalg.inv(T_velo_to_cam) @ np.vstack([cam, np.ones_like(z)])
+    cam = backproject_pixels(K, uu, vv, z)
+    velo = np.linalg.inv(T_velo_to_cam) @ np.vstack([cam.T, np.ones_like(z)])
     refl = rgb[vv, uu].mean(-1) / 255.0 if rgb is not None else np.full(z.shape, 0.5)
     return np.column_stack([velo[:3].T, refl]).astype(np.float32)
 
