@@ -15,6 +15,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
 }
 
@@ -42,7 +43,8 @@ def _load_weights(net: nn.Module, backbone: str, weights: str) -> None:
     else:
         path = pathlib.Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"encoder weights file not found: {path}")
+            raise FileNotFoundError(f"{backbone} weights file not found: {path} "
+                                    f"(weights: 'none', 'imagenet' or a path to a .pth state dict)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -55,15 +57,22 @@ def _load_weights(net: nn.Module, backbone: str, weights: str) -> None:
         raise CheckpointError(f"{path}: weights do not fit {backbone}: {str(e).splitlines()[0]}") from None
 
 
+def build_resnet(backbone: str, weights: str = "none") -> nn.Module:
+    """torchvision ResNet with `weights` "none", "imagenet" (the local hub cache only: never
+    downloads) or a path to a .pth state dict; the DepthNet encoder and PoseNet both use it."""
+    if backbone not in _ARCHS:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(_ARCHS)}")
+    net = _ARCHS[backbone][0](weights=None)
+    _load_weights(net, backbone, weights)
+    return net
+
+
 class ResNetEncoder(nn.Module):
     """torchvision ResNet without its classifier; returns [1/2, 1/4, 1/8, 1/16, 1/32] features."""
 
     def __init__(self, backbone: str = "resnet18", weights: str = "none"):
         super().__init__()
-        if backbone not in _ARCHS:
-            raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(_ARCHS)}")
-        net = _ARCHS[backbone][0](weights=None)
-        _load_weights(net, backbone, weights)
+        net = build_resnet(backbone, weights)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = 4 if backbone == "resnet50" else 1

@@ -9,6 +9,7 @@ import dataclasses
 import math
 from typing import Union
 
+import kornia
 import torch
 import torch.nn.functional as F
 
@@ -64,16 +65,10 @@ def automask(reprojection_errors: torch.Tensor, identity_errors: torch.Tensor,
 
 
 def smoothness_loss(disp: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """Eq. 13 on mean-normalised inverse depth d* = d / mean(d) (scale-invariant), scalar.
-
-    mean|dx d*| exp(-mean_c|dx I|) + mean|dy d*| exp(-mean_c|dy I|).
-    """
+    """Eq. 13 on mean-normalised inverse depth d* = d / mean(d) (scale-invariant), scalar:
+    mean|dx d*| exp(-mean_c|dx I|) + mean|dy d*| exp(-mean_c|dy I|), kornia's edge-aware loss."""
     d = disp / (disp.mean(dim=(2, 3), keepdim=True) + 1e-7)
-    grad_d_x = (d[:, :, :, :-1] - d[:, :, :, 1:]).abs()
-    grad_d_y = (d[:, :, :-1, :] - d[:, :, 1:, :]).abs()
-    grad_i_x = (img[:, :, :, :-1] - img[:, :, :, 1:]).abs().mean(1, keepdim=True)
-    grad_i_y = (img[:, :, :-1, :] - img[:, :, 1:, :]).abs().mean(1, keepdim=True)
-    return (grad_d_x * torch.exp(-grad_i_x)).mean() + (grad_d_y * torch.exp(-grad_i_y)).mean()
+    return kornia.losses.inverse_depth_smoothness_loss(d, img)
 
 
 def normalize_depth(depth: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
-_RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
-            50: torchvision.models.resnet50}
-_WEIGHTS = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50_Weights"}
+from .encoder import build_resnet
 
 
 def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.Tensor,
@@ -57,18 +54,10 @@ class PoseNet(nn.Module):
 
     def __init__(self, num_layers: int = 18, weights: str = "none", scale: float = 0.01):
         super().__init__()
-        if num_layers not in _RESNETS:
-            raise ValueError(f"num_layers must be one of {sorted(_RESNETS)}, got {num_layers}")
-        if weights not in ("none", "imagenet"):
-            raise ValueError(f"weights must be 'none' or 'imagenet', got {weights!r}")
-        tv_weights = None
-        if weights == "imagenet":
-            tv_weights = getattr(torchvision.models, _WEIGHTS[num_layers]).IMAGENET1K_V1
-        try:
-            resnet = _RESNETS[num_layers](weights=tv_weights)
-        except Exception as e:  # offline machine without the torchvision cache
-            raise RuntimeError(f"PoseNet: could not load ImageNet weights for ResNet-{num_layers} "
-                               f"(not in the torch hub cache and no network?): {e}") from e
+        if num_layers not in (18, 34, 50):
+            raise ValueError(f"num_layers must be one of [18, 34, 50], got {num_layers}")
+        # "none", "imagenet" (the local torch hub cache only, as the encoder: never downloads) or a .pth.
+        resnet = build_resnet(f"resnet{num_layers}", weights)
         conv1 = nn.Conv2d(6, 64, kernel_size=7, stride=2, padding=3, bias=False)
         with torch.no_grad():
             # Pretrained RGB filters shared by both frames, halved so activations keep their scale.

@@ -72,5 +72,24 @@ def test_pose_is_composed_in_fp32_under_autocast(invert):
 def test_posenet_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_layers"):
         PoseNet(num_layers=20)
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(FileNotFoundError, match="weights file not found: coco"):
         PoseNet(weights="coco")
+
+
+def test_posenet_imagenet_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
+    import torchvision
+
+    from diffsql_model.encoder import imagenet_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        PoseNet(18, weights="imagenet")
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None)
+    path = imagenet_weights_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    net = PoseNet(18, weights="imagenet")
+    conv1 = net.encoder[0].weight
+    torch.testing.assert_close(conv1, torch.cat([reference.conv1.weight] * 2, dim=1) / 2)
+    torch.testing.assert_close(net.encoder[4][0].conv1.weight, reference.layer1[0].conv1.weight)
