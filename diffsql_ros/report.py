@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from diffsql_model.camera import project_points
-from diffsql_ros.conversions import colorize_depth as colorize_depth_rgb
+from diffsql_model.colormaps import apply_colormap, depth_picture_bgr, range_index, uncertainty_picture_bgr
 
 METRIC_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 METRIC_LABELS = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE", "rmse_log": "RMSElog",
@@ -46,40 +46,6 @@ class Section:
 
 
 # ----------------------------------------------------------------------------- pictures
-
-def _normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    span = max(hi - lo, 1e-12)
-    return np.clip((values - lo) / span, 0.0, 1.0)
-
-
-def colorize_depth(depth: np.ndarray, min_depth: Optional[float] = None,
-                   max_depth: Optional[float] = None) -> np.ndarray:
-    """HxW metres -> HxWx3 BGR uint8: the node's `depth/colored` map (turbo of inverse depth, warm =
-    near, invalid black) over [min_depth, max_depth], by default the 1st..99th percentile."""
-    depth = np.asarray(depth, dtype=np.float32)
-    valid = np.isfinite(depth) & (depth > 0)
-    if not valid.any():
-        return np.zeros(depth.shape + (3,), np.uint8)
-    lo = float(min_depth) if min_depth is not None else float(np.percentile(depth[valid], 1))
-    hi = float(max_depth) if max_depth is not None else float(np.percentile(depth[valid], 99))
-    lo = max(lo, 1e-3)
-    hi = max(hi, lo * 1.001)  # a flat map still needs a range
-    rgb = colorize_depth_rgb(np.where(valid, depth, np.float32(np.nan)), lo, hi)
-    return np.ascontiguousarray(rgb[..., ::-1])
-
-
-def colorize_uncertainty(unc: np.ndarray, max_value: Optional[float] = None) -> np.ndarray:
-    """HxW std in metres -> BGR uint8 (viridis, 1st .. 99th percentile unless the top is given)."""
-    unc = np.asarray(unc, dtype=np.float32)
-    valid = np.isfinite(unc)
-    hi = float(max_value) if max_value is not None else (
-        float(np.percentile(unc[valid], 99)) if valid.any() else 1.0)
-    lo = float(np.percentile(unc[valid], 1)) if max_value is None and valid.any() else 0.0
-    t = _normalise(np.where(valid, unc, 0.0), lo, hi)
-    out = cv2.applyColorMap((t * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    out[~valid] = 0
-    return out
-
 
 def label(image_bgr: np.ndarray, text: str) -> np.ndarray:
     """Burn a short caption (value range, units) into the top-left corner."""
@@ -120,8 +86,7 @@ def render_point_cloud(xyz: np.ndarray, rgb: Optional[np.ndarray] = None, size=(
         colours = rgb[front][:, ::-1]
     else:
         dist = np.linalg.norm(xyz[front], axis=1)
-        t = (_normalise(dist, 0.0, max_range) * 255).astype(np.uint8)
-        colours = cv2.applyColorMap(t.reshape(-1, 1), cv2.COLORMAP_TURBO).reshape(-1, 3)
+        colours = apply_colormap(range_index(dist, 0.0, max_range), "turbo", bgr=True)
     # Painter's algorithm: draw far to near so the nearest point of a pixel is written last.
     order = np.argsort(-p[:, 2], kind="stable")
     u, v, colours = u[order], v[order], colours[order]
@@ -142,11 +107,11 @@ def frame_pictures(out_dir: pathlib.Path, stem: str, image_rgb: np.ndarray, dept
     valid = np.isfinite(depth) & (depth > 0)
     lo, hi = (np.percentile(depth[valid], [1, 99]) if valid.any() else (0.0, 0.0))
     pics = [("input", image_rgb[..., ::-1].copy()),
-            ("depth", label(colorize_depth(depth, lo, hi), f"depth {lo:.1f}-{hi:.1f} m (warm = near)"))]
+            ("depth", label(depth_picture_bgr(depth, lo, hi), f"depth {lo:.1f}-{hi:.1f} m (warm = near)"))]
     if uncertainty is not None:
         fin = np.isfinite(uncertainty)
         ulo, uhi = (np.percentile(uncertainty[fin], [1, 99]) if fin.any() else (0.0, 0.0))
-        pics.append(("uncertainty", label(colorize_uncertainty(uncertainty), f"std {ulo:.2f}-{uhi:.2f} m")))
+        pics.append(("uncertainty", label(uncertainty_picture_bgr(uncertainty), f"std {ulo:.2f}-{uhi:.2f} m")))
     if xyz is not None:
         if len(xyz) > 150_000:  # a full-resolution cloud: every k-th point draws the same picture
             k = int(np.ceil(len(xyz) / 150_000))

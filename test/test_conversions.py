@@ -10,7 +10,8 @@ from std_msgs.msg import Header  # noqa: E402
 
 from diffsql_model.data.image_msgs import (ImageError, compressed_to_rgb8, image_to_array,  # noqa: E402
                                            image_to_rgb8)
-from diffsql_ros.conversions import array_to_image, colorize_depth  # noqa: E402
+from diffsql_model.colormaps import colorize_inverse_depth  # noqa: E402
+from diffsql_ros.conversions import array_to_image  # noqa: E402
 from diffsql_model.data.pointcloud_msgs import read_points  # noqa: E402
 from diffsql_ros.pointcloud import (CameraInfoError, PointCloudBuilder, camera_info_for_image,  # noqa: E402
                                     intrinsics_for_image)
@@ -149,7 +150,7 @@ def test_array_to_image_round_trip():
 
 def test_colorize_depth_near_is_warm_and_nan_black():
     depth = np.array([[1.0, 70.0, np.nan]], np.float32)
-    col = colorize_depth(depth, 0.5, 80.0)
+    col = colorize_inverse_depth(depth, 0.5, 80.0)
     assert col.shape == (1, 3, 3) and col.dtype == np.uint8
     assert col[0, 0, 0] > col[0, 0, 2] and col[0, 1, 2] > col[0, 1, 0]  # red near, blue far
     np.testing.assert_array_equal(col[0, 2], [0, 0, 0])

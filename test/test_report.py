@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 
 from diffsql_model.camera import depth_to_points
+from diffsql_model.colormaps import colorize_inverse_depth, depth_picture_bgr
 from diffsql_ros import report as R
-from diffsql_ros.conversions import colorize_depth
 
 
 def _on_view_axis(distance, height=6.0, back=8.0, pitch_deg=25.0):
@@ -52,12 +52,12 @@ def test_points_behind_or_out_of_range_are_not_drawn():
 
 def test_depth_colours_are_the_nodes_map_in_bgr_invalid_black():
     depth = np.array([[2.0, 50.0, 0.0, np.nan]], np.float32)
-    img = R.colorize_depth(depth, 1.0, 80.0)  # BGR for cv2.imwrite
-    node = colorize_depth(np.array([[2.0, 50.0]], np.float32), 1.0, 80.0)  # RGB, what rviz shows
+    img = depth_picture_bgr(depth, 1.0, 80.0)  # BGR for cv2.imwrite
+    node = colorize_inverse_depth(np.array([[2.0, 50.0]], np.float32), 1.0, 80.0)  # RGB, what rviz shows
     np.testing.assert_array_equal(img[0, :2], node[0, :, ::-1])
     assert img[0, 0, 2] > img[0, 0, 0] and img[0, 1, 0] > img[0, 1, 2]  # near warm (red), far blue
     assert not img[0, 2:].any()  # depth 0 and NaN: black
-    flat = R.colorize_depth(np.full((2, 2), 7.0, np.float32))  # percentile range of one value
+    flat = depth_picture_bgr(np.full((2, 2), 7.0, np.float32))  # percentile range of one value
     assert flat.any() and (flat == flat[0, 0]).all()
 
 

@@ -2,11 +2,12 @@
 image grids (input, depth, uncertainty)."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 
+from ..colormaps import colorize_percentiles
 from ..eval.metrics import evaluate_frame, garg_crop_mask, mean_metrics, resize_prediction
 
 
@@ -62,27 +63,19 @@ def _frame_metrics(gt: np.ndarray, pred: np.ndarray, crop: str, min_depth: float
     return evaluate_frame(gt, pred, valid, scaling=scaling, scale=1.0, clip=(min_depth, max_depth))
 
 
-def _colorize(maps: torch.Tensor, colormap: int) -> torch.Tensor:
-    """B x 1 x H x W -> B x 3 x H x W in [0, 1], each map normalised to its 1-99 % range."""
-    out = []
-    for m in maps.detach().float().cpu():
-        a = m[0].numpy()
-        lo, hi = np.percentile(a, 1), np.percentile(a, 99)
-        a8 = (np.clip((a - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
-        rgb = cv2.cvtColor(cv2.applyColorMap(a8, colormap), cv2.COLOR_BGR2RGB)
-        out.append(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
+def _colorize(maps: torch.Tensor, name: str) -> torch.Tensor:
+    """B x 1 x H x W -> B x 3 x H x W in [0, 1], each map over its 1-99 % range (`colormaps`)."""
+    return torch.stack([torch.from_numpy(colorize_percentiles(m[0].numpy(), name)).permute(2, 0, 1).float() / 255
+                        for m in maps.detach().float().cpu()])
 
 
 def image_grid(image: torch.Tensor, depth: torch.Tensor, uncertainty: torch.Tensor,
                max_images: int = 4) -> torch.Tensor:
     """3 x H' x W' grid: rows of (input, inverse depth in magma, uncertainty in viridis)."""
-    import torchvision
-
     n = min(max_images, image.shape[0])
     img = image[:n].detach().float().cpu().clamp(0, 1)
-    inv = _colorize(1.0 / depth[:n].clamp_min(1e-6), cv2.COLORMAP_MAGMA)
-    unc = _colorize(uncertainty[:n], cv2.COLORMAP_VIRIDIS)
+    inv = _colorize(1.0 / depth[:n].clamp_min(1e-6), "magma")
+    unc = _colorize(uncertainty[:n], "viridis")
     size = img.shape[-2:]
     inv, unc = (F.interpolate(t, size=size, mode="nearest") for t in (inv, unc))
     tiles = torch.stack([img, inv, unc], dim=1).reshape(-1, 3, *size)  # (n*3) x 3 x H x W
