@@ -92,7 +92,7 @@ def declare_all(node) -> None:
         node.declare_parameter(p.name, p.default, _descriptor(p))
 
 
-def validate(values: dict) -> None:
+def check_params(values: dict) -> None:
     """Choices and cross-parameter rules rclpy ranges cannot express; ConfigError names the problem."""
     for p in PARAMETERS:
         if p.choices and values[p.name] not in p.choices:
@@ -105,3 +105,7 @@ def validate(values: dict) -> None:
         raise ConfigError("need points.min_range <= points.max_range")
     if bool(values["input_height"]) != bool(values["input_width"]):
         raise ConfigError("set both input_height and input_width, or neither (0 = the checkpoint's size)")
+
+
+# Kept importable until depth_node.py imports check_params.
+validate = check_params

@@ -90,12 +90,12 @@ def test_demo_end_to_end_and_rerun(tmp_path, shared_dir):
 def test_sample_builder_small(tmp_path, shared_dir):
     """diffsql-make-sample with small settings: split files, both bags readable, reuse, errors."""
     from diffsql_model.data import bag_reader
-    from diffsql_model.data.sample_cli import SampleSettings, build_sample, main
+    from diffsql_model.data.sample_cli import SampleSettings, main, make_sample
 
     s = SampleSettings(width=64, height=32, train_drives=2, train_frames=4, val_frames=2, test_frames=3,
                        bag_format="sqlite3")
     logs = []
-    m = build_sample(tmp_path / "s", shared_dir, s, log=logs.append)
+    m = make_sample(tmp_path / "s", shared_dir, s, log=logs.append)
     syn = m["synthetic"]
     # 2 drives x 2 inner frames x (l, r) training lines; validation and test frames as asked
     assert syn["frames"] == {"train": 8, "val": 2, "test": 3}
@@ -112,7 +112,7 @@ def test_sample_builder_small(tmp_path, shared_dir):
     assert counts["/kitti/camera_color_left/image_raw"] == 12 and counts["/kitti/velo/pointcloud"] == 10
     # a second call with the same settings reuses everything; other settings rebuild
     t = time.monotonic()
-    assert build_sample(tmp_path / "s", shared_dir, s, log=logs.append) == m
+    assert make_sample(tmp_path / "s", shared_dir, s, log=logs.append) == m
     assert time.monotonic() - t < 2 and logs[-1].startswith("sample: reusing")
     assert main(["--out", str(tmp_path / "x"), "--shared", str(tmp_path / "nowhere"), "--train-frames", "3",
                  "--train-drives", "1", "--test-frames", "2", "--width", "64", "--height", "32"]) == 2

@@ -91,12 +91,12 @@ def test_tf32_applies_only_on_cuda(lite):
 
 def test_node_tf32_parameter_is_a_read_only_bool_and_validated():
     pytest.importorskip("rclpy")
-    from diffsql_ros.node_params import PARAMETERS, validate
+    from diffsql_ros.node_params import PARAMETERS, check_params
 
     params = {p.name: p for p in PARAMETERS}
     assert params["tf32"].default is True and params["tf32"].read_only
     values = {p.name: p.default for p in PARAMETERS}
-    validate(values)
+    check_params(values)
     for bad in ("true", 1, None):
         with pytest.raises(ConfigError, match="tf32 must be true or false"):
-            validate({**values, "tf32": bad})
+            check_params({**values, "tf32": bad})

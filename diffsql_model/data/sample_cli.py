@@ -94,8 +94,8 @@ def build_kitti_bag(out: pathlib.Path, shared: pathlib.Path, log=print) -> dict:
     return {"bag": str(bag), "source": str(raw / KITTI_DATE / f"{KITTI_DATE}_drive_{KITTI_DRIVE}_sync")}
 
 
-def build_sample(out: str | pathlib.Path, shared: str | pathlib.Path, settings: SampleSettings | None = None,
-                 force: bool = False, log=print) -> dict:
+def make_sample(out: str | pathlib.Path, shared: str | pathlib.Path, settings: SampleSettings | None = None,
+                force: bool = False, log=print) -> dict:
     """Build (or reuse) the sample under `out`; returns the manifest (also in out/sample.json)."""
     out, shared = pathlib.Path(out), pathlib.Path(shared)
     s = settings or SampleSettings()
@@ -138,11 +138,15 @@ def main(argv=None) -> int:
     if settings.bag_format not in ("ros1", "sqlite3", "mcap"):
         ap.error("--bag-format must be ros1, sqlite3 or mcap")
     try:
-        build_sample(args.out, args.shared, settings, args.force)
+        make_sample(args.out, args.shared, settings, args.force)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"diffsql-make-sample: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# Kept importable until diffsql_ros/demo.py imports make_sample.
+build_sample = make_sample
 
 
 if __name__ == "__main__":
