@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from std_msgs.msg import Header  # noqa: E402
 
 from diffsql_model import inference as new_inference  # noqa: E402
+from diffsql_model.colormaps import colorize_inverse_depth  # noqa: E402
 from diffsql_ros import conversions as new_conversions, pointcloud as new_pointcloud  # noqa: E402
 
 K = np.array([[721.5377, 0.0, 609.5593], [0.0, 721.5377, 172.854], [0.0, 0.0, 1.0]])
@@ -35,8 +36,19 @@ def load_old(rev: str, relpath: str, name: str):
                          capture_output=True, text=True).stdout
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)
+    # Relative imports of the old module resolve in today's package (only the module itself is old).
+    mod.__package__ = os.path.dirname(relpath).replace("/", ".")
+    sys.modules[name] = mod
     exec(compile(src, f"{rev}:{relpath}", "exec"), mod.__dict__)
     return mod
+
+
+def old_colorizer(rev: str):
+    """The node's depth colouring at `rev`: conversions.colorize_depth before colormaps.py existed."""
+    try:
+        return load_old(rev, "diffsql_model/colormaps.py", "old_colormaps").colorize_inverse_depth
+    except subprocess.CalledProcessError:
+        return load_old(rev, "diffsql_ros/conversions.py", "old_conversions_colour").colorize_depth
 
 
 class FixedModel(torch.nn.Module):
@@ -78,8 +90,9 @@ def cases(old, h, w):
            lambda: nb.build(depth, K, hdr, valid, rgb).data, None)
     yield ("pointcloud xyz", lambda: ob.build(depth, K, hdr, valid, None).data,
            lambda: nb.build(depth, K, hdr, valid, None).data, None)
-    yield ("colorize_depth", lambda: old["conversions"].colorize_depth(depth, 0.1, 80.0),
-           lambda: new_conversions.colorize_depth(depth, 0.1, 80.0), None)
+    old_colorize = old_colorizer(old["rev"])
+    yield ("colorize_depth", lambda: old_colorize(depth, 0.1, 80.0),
+           lambda: colorize_inverse_depth(depth, 0.1, 80.0), None)
 
     unc = np.nan_to_num(depth) * 0.1
     yield ("array_to_image 32FC1", lambda: old["conversions"].array_to_image(unc, "32FC1", hdr).data,
@@ -102,6 +115,7 @@ def main():
     torch.set_num_threads(1)
     old = {m: load_old(args.base, f"{pkg}/{m}.py", f"old_{m}") for pkg, m in
            (("diffsql_ros", "pointcloud"), ("diffsql_ros", "conversions"), ("diffsql_model", "inference"))}
+    old["rev"] = args.base
     print(f"old = {args.base}, new = working tree; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
           f"medians of {args.reps} interleaved runs (ms)")
     print(f"{'input':>9} | {'operation':<22} | {'old':>7} | {'new':>7} | {'new/old':>7} | identical")

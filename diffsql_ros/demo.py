@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from diffsql_model.data.sample_cli import build_sample
+from diffsql_model.data.sample_cli import make_sample
 from diffsql_model.eval import metrics as M
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     timings = {}
     try:
         t = step("1/5 sample: synthetic drives + held-out test drive, KITTI bag")
-        sample = build_sample(out / "sample", args.shared)
+        sample = make_sample(out / "sample", args.shared)
         timings["sample"] = time.monotonic() - t
 
         t = step("2/5 training the lite preset on the synthetic drives")

@@ -145,8 +145,6 @@ def main(argv=None) -> int:
     return 0
 
 
-# Kept importable until diffsql_ros/demo.py imports make_sample.
-build_sample = make_sample
 
 
 if __name__ == "__main__":
