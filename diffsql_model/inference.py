@@ -1,36 +1,51 @@
-"""Single-image inference: uint8 RGB frame in, metric-or-relative depth + uncertainty out.
+"""Model -> depth, written once: `depth_maps` runs the network (gradients off, the run precision)
+for every caller; `predict_depth` is its batch form for evaluation and validation; `DepthEstimator`
+its single-frame form for the ROS node and the demos (uint8 RGB frame in, depth + uncertainty
+at the frame's size out). Knows nothing about ROS.
 
-Used by the ROS node and the demos; knows nothing about ROS. Buffers for the network input are
-allocated once per input size and reused, so a camera stream allocates only the outputs. On CUDA
-the raw frame goes up through a pinned staging buffer (reused while the frame size stays) and is
-resized on the GPU; the only synchronisation per frame is the one that waits for the result.
+The estimator allocates the network input once per input size and reuses it, so a camera stream
+allocates only the outputs. On CUDA the raw frame goes up through a pinned staging buffer (reused
+while the frame size stays) and is resized on the GPU; the only synchronisation per frame is the
+one that waits for the result.
 """
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Optional
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .device import PRECISIONS, resolve_device
+from .data.network_input import check_rgb, resize_to_unit, resize_to_unit_uint8
+from .device import check_precision, resolve_device
+from .timing import Stopwatch
 
 TIMING_KEYS = ("preprocess_ms", "model_ms", "postprocess_ms")
 
 
-def resize_to_unit(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """H x W x 3 uint8 frame on any device -> 1 x 3 x h x w float32 in [0, 1] on that device.
+def depth_maps(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32",
+               uncertainty: bool = False) -> torch.Tensor:
+    """A DiffSQLDepth-like model on B x 3 x h x w images in [0, 1] (on the model's device) ->
+    B x 1 x h x w float32 depth there; with `uncertainty`, B x 2 x h x w (depth, uncertainty).
 
-    The training resize (augment.to_tensor_resized: / 255, bilinear antialiased, clamp) in float:
-    CUDA has no uint8 antialiased kernel, and float is what training did."""
-    x = frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp_(0.0, 1.0)
+    Gradients off (no_grad, not inference_mode: validation runs this on the model being trained).
+    `precision` is the autocast dtype of the forward; fp32 runs without autocast."""
+    dtype = check_precision(precision)
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=precision != "fp32"):
+        out = model(images)
+    maps = torch.cat([out["depth"], out["uncertainty"]], 1) if uncertainty else out["depth"]
+    return maps.float()
+
+
+def predict_depth(model: torch.nn.Module, images: torch.Tensor, *, device: Optional[torch.device] = None,
+                  precision: str = "fp32") -> np.ndarray:
+    """B x 3 x h x w images in [0, 1] -> B x h x w float32 depth on the host, at the network size
+    (the evaluation protocols resize it to the ground truth). `device`: the model's, where the
+    images are moved first (None: they are there already)."""
+    if device is not None:
+        images = images.to(device)
+    return depth_maps(model, images, precision)[:, 0].cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -59,8 +74,7 @@ class DepthEstimator:
 
     def __init__(self, model: torch.nn.Module, cfg, device: str = "cpu", precision: str = "fp32",
                  input_size: Optional[tuple[int, int]] = None, tf32: bool = True):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type == "cpu":
             # CPU half-precision convolutions are slow or missing; bf16 is the CPU low-precision path.
@@ -72,7 +86,6 @@ class DepthEstimator:
             raise ValueError(f"network input size must be positive multiples of 32, got {h}x{w}")
         self.net_size = (int(h), int(w))
         self.model = model.to(self.device).eval()
-        self._autocast = precision != "fp32"
         self.cuda = self.device.type == "cuda"
         self.tf32 = bool(tf32) and self.cuda and torch.cuda.get_device_capability(self.device) >= (8, 0)
         # The float network input 1x3xhxw, reused; on CPU also uint8 planes for the split.
@@ -82,7 +95,6 @@ class DepthEstimator:
             self._out_host = torch.empty(2 * h * w, dtype=torch.float32, pin_memory=True)
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         else:
-            self._input_np = self._input.numpy()
             self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
         self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
         self.warmup_ms: Optional[float] = None
@@ -92,9 +104,10 @@ class DepthEstimator:
         not pay cuDNN autotuning, CUDA context and allocator growth. Eval mode: no state changes,
         later results are the same. Returns (and keeps in `warmup_ms`) its wall time."""
         h, w = frame_shape or self.net_size
-        t = time.perf_counter()
-        self.predict(np.zeros((h, w, 3), np.uint8))
-        self.warmup_ms = (time.perf_counter() - t) * 1e3
+        watch = Stopwatch()
+        with watch("warmup"):
+            self.predict(np.zeros((h, w, 3), np.uint8))
+        self.warmup_ms = watch.ms["warmup"]
         return self.warmup_ms
 
     @torch.inference_mode()
@@ -102,61 +115,41 @@ class DepthEstimator:
         """rgb: HxWx3 uint8 -> (depth HxW float32, uncertainty HxW float32) at the input size.
 
         The last call's breakdown is in `self.timing` (milliseconds)."""
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 uint8 RGB array, got "
-                             f"{getattr(rgb, 'dtype', type(rgb))} {getattr(rgb, 'shape', '')}")
+        check_rgb(rgb)
         H, W = rgb.shape[:2]
         if H < 2 or W < 2:
             raise ValueError(f"image too small: {H}x{W}")
+        watch = Stopwatch(TIMING_KEYS)
         if self.cuda:
             with cuda_math_mode(self.tf32):
-                stacked = self._predict_cuda(rgb)  # a view on the pinned output buffer
+                stacked = self._predict_cuda(rgb, watch)  # a view on the pinned output buffer
         else:
-            stacked = self._predict_cpu(rgb)  # a fresh array
-        t = time.perf_counter()
-        if (H, W) != self.net_size:
-            stacked = cv2.resize(stacked, (W, H), interpolation=cv2.INTER_LINEAR)  # h x w x 2
-            depth = np.ascontiguousarray(stacked[..., 0])  # faster than cv2.split for 2 channels
-            unc = np.ascontiguousarray(stacked[..., 1])
-        else:
-            # Two contiguous h x w planes of a fresh array (the pinned buffer is the next frame's).
-            depth, unc = stacked.copy() if self.cuda else stacked
-        self.timing["postprocess_ms"] += (time.perf_counter() - t) * 1e3
+            stacked = self._predict_cpu(rgb, watch)  # a fresh array
+        with watch("postprocess_ms"):
+            if (H, W) != self.net_size:
+                stacked = cv2.resize(stacked, (W, H), interpolation=cv2.INTER_LINEAR)  # h x w x 2
+                depth = np.ascontiguousarray(stacked[..., 0])  # faster than cv2.split for 2 channels
+                unc = np.ascontiguousarray(stacked[..., 1])
+            else:
+                # Two contiguous h x w planes of a fresh array (the pinned buffer is the next frame's).
+                depth, unc = stacked.copy() if self.cuda else stacked
+        self.timing = watch.ms
         return depth, unc
 
     def _forward(self) -> torch.Tensor:
         """The network on `self._input` -> depth and uncertainty stacked, 2 x h x w float32: they
         travel together (one copy; where the output is resized, one 2-channel resize)."""
-        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self._autocast):
-            out = self.model(self._input)
-        return torch.cat([out["depth"][0], out["uncertainty"][0]], 0).float()
+        return depth_maps(self.model, self._input, self.precision, uncertainty=True)[0]
 
-    def _predict_cpu(self, rgb: np.ndarray) -> np.ndarray:
-        h, w = self.net_size
-        t0 = time.perf_counter()
-        resize = rgb.shape[:2] != (h, w)
-        if resize:
-            # The training resize (augment.to_tensor_resized: bilinear, antialiased) run on uint8:
-            # torch's SIMD path, within rounding of the float one; at 1242x375 -> 640x192 about
-            # 0.8 ms against 2.2-2.9 ms for cv2 INTER_AREA, which differs from it by up to 40/255.
-            # torch wants writable memory (a frame viewed on a ROS message is not): copy those.
-            rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else rgb.copy()
-            src = torch.from_numpy(rgb).permute(2, 0, 1)[None]
-            small = F.interpolate(src, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-            torch.mul(small, 1.0 / 255.0, out=self._input)
-        else:
-            # HWC uint8 -> CHW float * 1/255 as SIMD plane splits and one float32 multiply per
-            # plane (bit-identical to the torch permute-copy, ~2x faster than its strided copy).
-            cv2.split(rgb, self._planes)
-            for c in range(3):
-                np.multiply(self._planes[c], np.float32(1.0 / 255.0), out=self._input_np[0, c], casting="unsafe")
-        t1 = time.perf_counter()
-        stacked = self._forward()
-        if resize:
-            stacked = stacked.permute(1, 2, 0).contiguous()  # h x w x 2 for cv2.resize
-        stacked = stacked.numpy()
-        t2 = time.perf_counter()
-        self.timing = {"preprocess_ms": (t1 - t0) * 1e3, "model_ms": (t2 - t1) * 1e3, "postprocess_ms": 0.0}
+    def _predict_cpu(self, rgb: np.ndarray, watch: Stopwatch) -> np.ndarray:
+        resize = rgb.shape[:2] != self.net_size
+        with watch("preprocess_ms"):
+            resize_to_unit_uint8(rgb, self._input, self._planes)
+        with watch("model_ms"):
+            stacked = self._forward()
+            if resize:
+                stacked = stacked.permute(1, 2, 0).contiguous()  # h x w x 2 for cv2.resize
+            stacked = stacked.numpy()
         return stacked
 
     def _upload(self, rgb: np.ndarray) -> torch.Tensor:
@@ -170,7 +163,7 @@ class DepthEstimator:
         np.copyto(self._staging_np, rgb)  # reads strided and read-only views (ROS messages) too
         return self._frame.copy_(self._staging, non_blocking=True)
 
-    def _predict_cuda(self, rgb: np.ndarray) -> np.ndarray:
+    def _predict_cuda(self, rgb: np.ndarray, watch: Stopwatch) -> np.ndarray:
         """Timed with CUDA events on the device's stream; the one wait is for the result. The GPU
         is idle at the first event (the last frame was waited for), so the preprocess time runs
         from the host's start, staging copy included."""
@@ -188,6 +181,6 @@ class DepthEstimator:
         out.copy_(stacked, non_blocking=True)
         ev[3].record(stream)
         ev[3].synchronize()  # the result is needed on the host now
-        self.timing = {"preprocess_ms": ev[0].elapsed_time(ev[1]), "model_ms": ev[1].elapsed_time(ev[2]),
-                       "postprocess_ms": ev[2].elapsed_time(ev[3])}
+        for stage, (start, end) in zip(TIMING_KEYS, zip(ev, ev[1:])):
+            watch.add(stage, start.elapsed_time(end))
         return out.numpy()

@@ -172,7 +172,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
 from diffsql_model.checkpoint import load_model, save_checkpoint  # noqa: E402
 from diffsql_model.data.calib import load_kitti_calib  # noqa: E402
-from diffsql_model.data.augment import to_tensor_resized  # noqa: E402
+from diffsql_model.data.network_input import to_tensor_resized  # noqa: E402
 from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import DepthEstimator  # noqa: E402
 from diffsql_model.presets import get_preset  # noqa: E402

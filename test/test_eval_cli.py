@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from diffsql_model.data import ground_truth as G
+from diffsql_model.data import ground_truth
 from diffsql_model.data.calib import load_kitti_calib
 from diffsql_model.eval import cli
-from diffsql_model.eval import metrics as M
-from diffsql_model.eval import protocols as P
+from diffsql_model.eval import metrics, protocols
 
 DRIVE = "2011_09_26/2011_09_26_drive_0001_sync"
 EIGEN_FRAMES = (5, 25, 50, 45, 65, 85)  # 50 has an image and improved GT but no velodyne scan
@@ -33,7 +32,8 @@ def write_split(tmp_path, frames, side="l", padded=True):
 
 def velo_gt(kitti_raw, frame, depth="velo_x"):
     calib = load_kitti_calib(kitti_raw / "2011_09_26", 2)
-    return G.velodyne_depth_map(G.read_velodyne_bin(G.kitti_velodyne_path(kitti_raw, DRIVE, frame)), calib, depth=depth)
+    scan = ground_truth.read_velodyne_bin(ground_truth.kitti_velodyne_path(kitti_raw, DRIVE, frame))
+    return ground_truth.velodyne_depth_map(scan, calib, depth=depth)
 
 
 def eigen_preds(kitti_raw, factor, depth="velo_x"):
@@ -62,7 +62,7 @@ def test_eigen_median_scaling_recovers_gt(kitti_shared_root, kitti_raw, tmp_path
     assert (m["a1"], m["a2"], m["a3"]) == (1.0, 1.0, 1.0)
     assert res["scaling"]["median"] == pytest.approx(0.5) and res["scaling"]["std"] == pytest.approx(0, abs=1e-7)
     # every valid pixel: inside the Garg crop and 1e-3 < gt < 80
-    crop = M.garg_crop_mask(375, 1242)
+    crop = metrics.garg_crop_mask(375, 1242)
     expected = [int(((g > 1e-3) & (g < 80) & crop).sum()) for g in (velo_gt(kitti_raw, f) for f in EIGEN_FRAMES if f != 50)]
     assert [f["n_valid"] for f in res["per_frame"]] == expected
     printed = capsys.readouterr().out
@@ -81,7 +81,7 @@ def test_eigen_fixed_scale_hand_values(kitti_shared_root, kitti_raw, tmp_path):
     assert m["rmse_log"] == pytest.approx(math.log(1.5), abs=1e-5)
     assert (m["a1"], m["a2"], m["a3"]) == (0.0, 1.0, 1.0)
     # (gt - gt/1.5)^2 / gt = gt / 9: SqRel per frame = mean valid gt / 9
-    crop = M.garg_crop_mask(375, 1242)
+    crop = metrics.garg_crop_mask(375, 1242)
     for row, f in zip(res["per_frame"], (f for f in EIGEN_FRAMES if f != 50)):
         g = velo_gt(kitti_raw, f)
         assert row["sq_rel"] == pytest.approx(g[(g > 1e-3) & (g < 80) & crop].mean() / 9, rel=1e-4)
@@ -95,7 +95,7 @@ def test_eigen_low_res_prediction_is_resized(kitti_raw, tmp_path):
     rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_raw, "--split-file", split,
                   "--predictions", tmp_path / "p.npz")
     assert rc == 0 and res["n_frames"] == 2
-    crop = M.garg_crop_mask(375, 1242)
+    crop = metrics.garg_crop_mask(375, 1242)
     for row, f in zip(res["per_frame"], (5, 25)):
         g = velo_gt(kitti_raw, f)
         g = g[(g > 1e-3) & (g < 80) & crop]
@@ -121,7 +121,7 @@ def test_eigen_benchmark_improved_gt(kitti_shared_root, kitti_depth, tmp_path):
     frames = (5, 50, 3, 100)  # frame 3 has no improved ground truth
     split = write_split(tmp_path, frames, padded=False)
     base = kitti_depth / "train" / DRIVE.split("/")[1] / "proj_depth" / "groundtruth" / "image_02"
-    preds = [G.read_depth_png(base / f"{f:010d}.png") * 2 if f != 3 else np.ones((375, 1242), np.float32)
+    preds = [ground_truth.read_depth_png(base / f"{f:010d}.png") * 2 if f != 3 else np.ones((375, 1242), np.float32)
              for f in frames]
     np.savez(tmp_path / "p.npz", depth=np.stack(preds))
     rc, res = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
@@ -198,7 +198,7 @@ def test_bag_samples_protocol(kitti_raw):
     images = {f: np.full((375, 1242, 3), f, np.uint8) for f in (5, 25)}  # tagged so predict_fn knows the frame
     gts = {f: velo_gt(kitti_raw, f, "cam_z") for f in (5, 25)}
     samples = [(images[5], gts[5], "t=0.5"), (images[25], None, "t=2.5"), (images[25], gts[25])]
-    res = P.evaluate_bag_samples(samples, lambda img: gts[int(img[0, 0, 0])] * 5.0)
+    res = protocols.evaluate_bag_samples(samples, lambda img: gts[int(img[0, 0, 0])] * 5.0)
     assert res["protocol"] == "bag" and res["n_frames_listed"] == 3 and res["n_frames"] == 2
     assert res["missing"][0]["frame"] == "t=2.5" and res["per_frame"][1]["frame"] == "sample 2"
     assert res["metrics"]["abs_rel"] == pytest.approx(0, abs=1e-6) and res["scaling"]["median"] == pytest.approx(0.2)
@@ -225,7 +225,7 @@ def test_checkpoint_inference(kitti_shared_root, tmp_path):
     m = res["metrics"]
     assert all(np.isfinite(v) for v in m.values()) and 0 < m["abs_rel"] < 10 and 0 <= m["a1"] <= 1
     # the same network run by hand on the training resize gives the same numbers via --predictions
-    from diffsql_model.data.augment import to_tensor_resized
+    from diffsql_model.data.network_input import to_tensor_resized
     from diffsql_model.data.images import load_rgb
 
     model.eval()
@@ -272,7 +272,7 @@ def test_truncated_scan_stops_the_run_with_its_name(kitti_raw, tmp_path, capsys)
     scans.mkdir(parents=True)
     for name in ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt"):
         (day / name).symlink_to(kitti_raw / "2011_09_26" / name)
-    full = G.kitti_velodyne_path(kitti_raw, DRIVE, 5).read_bytes()
+    full = ground_truth.kitti_velodyne_path(kitti_raw, DRIVE, 5).read_bytes()
     (scans / "0000000005.bin").write_bytes(full[: len(full) // 2 + 5])
     split = write_split(tmp_path, (5,))
     np.savez(tmp_path / "p.npz", depth=np.ones((1, 375, 1242), np.float32))

@@ -1,7 +1,11 @@
 """DepthEstimator on the CPU: the start-up warm-up leaves results unchanged, timing, the CUDA
 branch's preprocessing math (run here on CPU tensors) against the CPU path, the scoped CUDA math
-flags, and the node's tf32 parameter. The CUDA branch itself runs in test_cuda.py."""
+flags, and the node's tf32 parameter. The CUDA branch itself runs in test_cuda.py. The one
+prediction path (depth_maps / predict_depth) under the estimator and the batch users, and the
+Stopwatch the estimator and the node time their stages with."""
 from __future__ import annotations
+
+import time
 
 import cv2
 import numpy as np
@@ -9,10 +13,11 @@ import pytest
 import torch
 
 from conftest import KITTI_RAW
-from diffsql_model.data.augment import to_tensor_resized
+from diffsql_model.data.network_input import resize_to_unit, to_tensor_resized
 from diffsql_model.depth_net import DiffSQLDepth
-from diffsql_model.inference import TIMING_KEYS, DepthEstimator, cuda_math_mode, resize_to_unit
+from diffsql_model.inference import TIMING_KEYS, DepthEstimator, cuda_math_mode, depth_maps, predict_depth
 from diffsql_model.presets import get_preset
+from diffsql_model.timing import Stopwatch
 from diffsql_model.yaml_config import ConfigError
 
 FRAME = KITTI_RAW / "2011_09_26/2011_09_26_drive_0023_sync/image_02/data/0000000000.png"
@@ -100,3 +105,56 @@ def test_node_tf32_parameter_is_a_read_only_bool_and_validated():
     for bad in ("true", 1, None):
         with pytest.raises(ConfigError, match="tf32 must be true or false"):
             check_params({**values, "tf32": bad})
+
+
+def test_estimator_and_batch_predictions_are_one_path(lite, frames):
+    """DepthEstimator is depth_maps on its input plus the resize back; predict_depth (diffsql-eval,
+    validation) is depth_maps on a batch: the same network numbers for the same input."""
+    model, cfg = lite
+    full, small = frames
+    est = DepthEstimator(model, cfg)
+    depth, unc = est.predict(small)  # network-sized: no resize on either side
+    maps = depth_maps(model, est._input, uncertainty=True)
+    assert maps.shape == (1, 2, *NET) and maps.dtype == torch.float32
+    np.testing.assert_array_equal(depth, maps[0, 0].numpy())
+    np.testing.assert_array_equal(unc, maps[0, 1].numpy())
+    np.testing.assert_array_equal(depth, predict_depth(model, est._input)[0])
+    # The camera frame: the network output on the estimator's input, resized to 375 x 1242
+    # (there as depth and uncertainty in one 2-channel cv2 resize, here one plane).
+    depth_full, _ = est.predict(full)
+    at_net = predict_depth(model, est._input)[0]
+    np.testing.assert_allclose(depth_full, cv2.resize(at_net, full.shape[1::-1], interpolation=cv2.INTER_LINEAR),
+                               rtol=1e-4)
+    # A batch of three (the training resize, as diffsql-eval feeds it) = the frames one at a time.
+    images = torch.stack([to_tensor_resized(np.ascontiguousarray(f), *NET) for f in (full, small, full[:, ::2])])
+    batch = predict_depth(model, images, device=torch.device("cpu"))
+    assert batch.shape == (3, *NET) and batch.dtype == np.float32
+    for i in range(3):
+        np.testing.assert_allclose(batch[i], predict_depth(model, images[i:i + 1])[0], rtol=1e-5)
+    np.testing.assert_allclose(batch[1], depth, rtol=1e-5)  # x / 255 here, x * (1/255) there
+
+
+def test_depth_maps_run_without_gradients_on_trainable_weights(lite, frames):
+    """Validation runs the path on the model being trained: no graph, and no inference tensors
+    (autograd must still take the model's buffers afterwards)."""
+    model, _ = lite
+    x = to_tensor_resized(np.ascontiguousarray(frames[1]), *NET)[None]
+    out = depth_maps(model, x)
+    assert not out.requires_grad and not out.is_inference()
+    assert any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        depth_maps(model, x, precision="fp8")
+
+
+def test_stopwatch_adds_repeated_stages_in_the_order_given():
+    watch = Stopwatch(("a", "b"))
+    assert watch.ms == {"a": 0.0, "b": 0.0}
+    for _ in range(2):
+        with watch("b"):
+            time.sleep(0.01)
+    watch.add("a", 1.5)
+    with pytest.raises(KeyError):
+        with watch("c"):  # a failing block is timed too
+            raise KeyError("c")
+    assert list(watch.ms) == ["a", "b", "c"] and watch.ms["a"] == 1.5
+    assert 20.0 <= watch.ms["b"] < 2000.0 and 0.0 <= watch.ms["c"] < 1000.0

@@ -15,6 +15,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import ColorJitter
 
+from diffsql_model.data.network_input import to_tensor_resized
 from diffsql_model.yaml_config import YamlConfig
 
 
@@ -47,16 +48,6 @@ def scale_K(K: np.ndarray, src_size: tuple[int, int], dst_size: tuple[int, int])
         K[row, :2] *= s
         K[row, 2] = (K[row, 2] + 0.5) * s - 0.5
     return K
-
-
-def to_tensor_resized(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """H x W x 3 uint8 -> 3 x height x width float32 in [0, 1] (bilinear, antialiased)."""
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 uint8 image, got {rgb.dtype} {rgb.shape}")
-    t = torch.from_numpy(rgb if rgb.flags.writeable and rgb.flags.c_contiguous else rgb.copy()).permute(2, 0, 1).float().div_(255.0)
-    if t.shape[1:] != (height, width):
-        t = TF.resize(t, [height, width], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return t.clamp_(0.0, 1.0)
 
 
 @dataclasses.dataclass

@@ -18,11 +18,15 @@ import sys
 import zipfile
 
 import numpy as np
+import torch
 
-from diffsql_model.eval import metrics as M
-from diffsql_model.eval import protocols as P
+from diffsql_model.checkpoint import load_model
+from diffsql_model.data.network_input import to_tensor_resized
+from diffsql_model.device import resolve_device
+from diffsql_model.eval import metrics, protocols
+from diffsql_model.inference import predict_depth
 
-TABLE = {"make3d": M.MAKE3D_COLUMNS}
+TABLE = {"make3d": metrics.MAKE3D_COLUMNS}
 
 
 def load_predictions(path: str | pathlib.Path) -> list[np.ndarray]:
@@ -58,45 +62,41 @@ def load_predictions(path: str | pathlib.Path) -> list[np.ndarray]:
     return [d.squeeze() if d.ndim > 2 else d for d in maps]
 
 
-class ModelPredictions:
-    """Lazy, batched predictions of a checkpoint: `[i]` runs the batch holding frame i once.
-    Images are resized (bilinear, antialiased) to the network size cfg.height x cfg.width."""
+class CheckpointNet:
+    """A checkpoint's network on `device`: B x 3 x h x w images in [0, 1] at its size
+    (cfg.height x cfg.width) -> B x h x w depth (inference.predict_depth)."""
 
-    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None):
-        import torch
-
-        from diffsql_model.checkpoint import load_model
-        from diffsql_model.data.augment import to_tensor_resized
-        from diffsql_model.device import resolve_device
-
-        self.to_tensor = to_tensor_resized
-        self.torch, self.frames, self.batch_size = torch, frames, max(1, batch_size)
+    def __init__(self, checkpoint, device: str, sd_path=None):
         self.device = resolve_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)
-        self._start, self._cache = None, {}
+
+    def __call__(self, images) -> np.ndarray:
+        return predict_depth(self.model, images, device=self.device)
+
+
+class ModelPredictions:
+    """Lazy, batched predictions of a checkpoint: `[i]` runs the batch holding frame i once.
+    Images get the training resize (bilinear, antialiased) to the network size."""
+
+    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None):
+        self.frames, self.batch_size = frames, max(1, batch_size)
+        self.net = CheckpointNet(checkpoint, device, sd_path)
+        self._cache = {}
 
     def __len__(self):
         return len(self.frames)
 
     def _run(self, start: int):
-        torch = self.torch
-        idx = range(start, min(start + self.batch_size, len(self.frames)))
-        self._start, self._cache = start, {}
+        self._cache = {}
         images, ok = [], []
-        for i in idx:
+        for i in range(start, min(start + self.batch_size, len(self.frames))):
             try:
-                images.append(self.frames[i].load_image())
+                images.append(to_tensor_resized(self.frames[i].load_image(), self.net.cfg.height, self.net.cfg.width))
                 ok.append(i)
             except FileNotFoundError as e:
                 self._cache[i] = e
-        if not images:
-            return
-        # the training resize (bilinear, antialiased) -> B x 3 x h x w in [0, 1]
-        batch = torch.stack([self.to_tensor(img, self.cfg.height, self.cfg.width) for img in images])
-        with torch.inference_mode():
-            depth = self.model(batch.to(self.device))["depth"]  # B x 1 x h x w
-        for i, d in zip(ok, depth[:, 0].float().cpu().numpy()):
-            self._cache[i] = d
+        if images:
+            self._cache.update(zip(ok, self.net(torch.stack(images))))
 
     def __getitem__(self, i: int) -> np.ndarray:
         if i not in self._cache:
@@ -107,27 +107,27 @@ class ModelPredictions:
         return value
 
 
-def build_frames(args) -> tuple[list[P.Frame], dict]:
+def build_frames(args) -> tuple[list[protocols.Frame], dict]:
     """The protocol's frames and the details reported with the result."""
     details = {"data": str(args.data), "split_file": str(args.split_file) if args.split_file else None}
     if args.protocol == "make3d":
         names = None
         if args.split_file:
             names = [ln.split()[0] for ln in pathlib.Path(args.split_file).read_text().splitlines() if ln.strip()]
-        return P.make3d_frames(args.data, names), details
+        return protocols.make3d_frames(args.data, names), details
     if not args.split_file:
         raise ValueError(f"--split-file is required for --protocol {args.protocol}")
-    lines = P.read_split_file(args.split_file)
-    raw, depth = P.resolve_kitti_data(args.data)
+    lines = protocols.read_split_file(args.split_file)
+    raw, depth = protocols.resolve_kitti_data(args.data)
     details.update(raw_root=str(raw) if raw else None, depth_root=str(depth) if depth else None)
     if args.protocol == "eigen":
-        return P.eigen_frames(lines, raw, args.gt_depth), details
-    return P.eigen_benchmark_frames(lines, depth, raw), details
+        return protocols.eigen_frames(lines, raw, args.gt_depth), details
+    return protocols.eigen_benchmark_frames(lines, depth, raw), details
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="diffsql-eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--protocol", required=True, choices=P.PROTOCOLS)
+    ap.add_argument("--protocol", required=True, choices=protocols.PROTOCOLS)
     ap.add_argument("--data", required=True, type=pathlib.Path,
                     help="KITTI root with raw/ and depth/ (or raw-only / depth folder), Make3D folder, or a bag")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -152,7 +152,8 @@ def parse_args(argv=None):
 
 
 def evaluate(args) -> dict:
-    cfg = P.EvalConfig.for_protocol(args.protocol, scaling=args.scaling, scale=args.scale, gt_depth=args.gt_depth)
+    cfg = protocols.EvalConfig.for_protocol(args.protocol, scaling=args.scaling, scale=args.scale,
+                                            gt_depth=args.gt_depth)
     if args.protocol == "bag":
         return _evaluate_bag(args, cfg)
     frames, details = build_frames(args)
@@ -165,13 +166,13 @@ def evaluate(args) -> dict:
     else:
         preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size, getattr(args, "sd_path", None))
         details["checkpoint"] = str(args.checkpoint)
-    return P.run_evaluation(frames, preds, cfg, **details)
+    return protocols.run_evaluation(frames, preds, cfg, **details)
 
 
 def _evaluate_bag(args, cfg) -> dict:
     """Bag protocol: camera images paired with the LiDAR scan nearest in stamp (depth = camera
     z) by `diffsql_model.data.bags.BagDataset`; predictions in the order of its samples."""
-    # here, not at the top: torch (bags) and rosbags are for this protocol only
+    # here, not at the top: rosbags and the bag layer load only for this protocol
     from diffsql_model.data.bag_reader import open_bag, pick_topic
     from diffsql_model.data.bag_types import CLOUD_TYPE
     from diffsql_model.data.bags import BagDataset
@@ -182,8 +183,8 @@ def _evaluate_bag(args, cfg) -> dict:
     if args.predictions:
         preds, size = load_predictions(args.predictions), (192, 640)
     else:
-        preds = _BagModel(args.checkpoint, args.device, getattr(args, "sd_path", None))
-        size = (preds.cfg.height, preds.cfg.width)
+        net = CheckpointNet(args.checkpoint, args.device, getattr(args, "sd_path", None))
+        size = (net.cfg.height, net.cfg.width)
     ds = BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
                     lidar_topic=lidar_topic, T_lidar_to_cam=parse_extrinsic(getattr(args, "extrinsic", None)),
                     is_train=False, lidar_tolerance_s=args.lidar_tolerance)
@@ -197,28 +198,13 @@ def _evaluate_bag(args, cfg) -> dict:
             depth = s["depth_gt"][0].numpy() if s["has_depth_gt"] else None
             yield image, depth, f"{s['stamp'] / 1e9:.6f}"
 
-    predict = preds.__getitem__ if args.predictions else preds
-    result = P.evaluate_bag_samples(samples(), predict, cfg, gt_depth="lidar_cam_z")
+    def predict(image):  # a sample index with --predictions, else the network-sized image
+        return preds[image] if args.predictions else net(image[None])[0]
+
+    result = protocols.evaluate_bag_samples(samples(), predict, cfg, gt_depth="lidar_cam_z")
     result.update(data=str(args.data), image_topic=ds.images.topic, lidar_topic=lidar_topic,
                   **({"predictions": str(args.predictions)} if args.predictions else {"checkpoint": str(args.checkpoint)}))
     return result
-
-
-class _BagModel:
-    """predict(image 3 x h x w in [0, 1] at the network size) -> h x w depth."""
-
-    def __init__(self, checkpoint, device: str, sd_path=None):
-        import torch
-
-        from diffsql_model.checkpoint import load_model
-        from diffsql_model.device import resolve_device
-
-        self.torch, self.device = torch, resolve_device(device)
-        self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)
-
-    def __call__(self, image) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.model(image[None].to(self.device))["depth"][0, 0].float().cpu().numpy()
 
 
 def report(result: dict) -> str:
@@ -236,7 +222,7 @@ def report(result: dict) -> str:
     elif sc["mode"] == "fixed":
         lines.append(f"fixed scale {sc['scale']}")
     if result["metrics"]:
-        lines.append(M.format_table(result["metrics"], TABLE.get(result["protocol"], M.KITTI_COLUMNS)))
+        lines.append(metrics.format_table(result["metrics"], TABLE.get(result["protocol"], metrics.KITTI_COLUMNS)))
     return "\n".join(lines)
 
 
@@ -249,7 +235,7 @@ def main(argv=None) -> int:
         return 2
     print(report(result))
     if args.json:
-        M.write_json(result, args.json)
+        metrics.write_json(result, args.json)
         print(f"wrote {args.json}")
     return 0 if result["n_frames"] else 1
 

@@ -9,9 +9,9 @@ import torchvision
 
 from ..colormaps import colorize_percentiles
 from ..eval.metrics import evaluate_frame, garg_crop_mask, mean_metrics, resize_prediction
+from ..inference import predict_depth
 
 
-@torch.no_grad()
 def validate(model: torch.nn.Module, dataset, device: torch.device, *, max_frames: int = 200,
              crop: str = "garg", min_depth: float = 1e-3, max_depth: float = 80.0,
              scaling: str = "median", batch_size: int = 8) -> dict:
@@ -33,8 +33,8 @@ def validate(model: torch.nn.Module, dataset, device: torch.device, *, max_frame
             samples = [dataset[i] for i in range(start, min(start + batch_size, n))]
             if any("depth_gt" not in sample for sample in samples):
                 raise ValueError("validation sample has no 'depth_gt' (validation needs ground truth)")
-            images = torch.stack([sample[("color", 0)] for sample in samples]).to(device)
-            preds = model(images)["depth"][:, 0].float().cpu().numpy()
+            images = torch.stack([sample[("color", 0)] for sample in samples])
+            preds = predict_depth(model, images, device=device)
             for sample, pred in zip(samples, preds):
                 gt = sample["depth_gt"].squeeze().cpu().numpy().astype(np.float32)
                 result = _frame_metrics(gt, pred, crop, min_depth, max_depth, scaling)
