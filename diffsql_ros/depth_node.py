@@ -22,14 +22,17 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from diffsql_model.checkpoint import CheckpointError, load_model
+from diffsql_model.colormaps import colorize_inverse_depth
 from diffsql_model.data.image_msgs import compressed_to_rgb8, image_to_rgb8
 from diffsql_model.data.pairing import StampPairer, stamp_ns
 from diffsql_model.device import resolve_device
 from diffsql_model.inference import DepthEstimator
+from diffsql_model.timing import Stopwatch
 from diffsql_model.yaml_config import ConfigError
-from diffsql_ros.conversions import array_to_image, colorize_depth
-from diffsql_ros.node_params import PARAMETERS, declare_all, validate
+from diffsql_ros.conversions import array_to_image
+from diffsql_ros.node_params import PARAMETERS, check_params, declare_all
 from diffsql_ros.pointcloud import CameraInfoError, PointCloudBuilder, camera_info_for_image, intrinsics_for_image
+from diffsql_ros.postprocess import postprocess
 from diffsql_ros.scale import ScaleConfig, ScaleEstimator
 
 SUBSCRIBED_TOPICS = {"image": Image, "image/compressed": CompressedImage, "camera_info": CameraInfo}
@@ -71,7 +74,7 @@ class DepthNode(Node):
         super().__init__("depth_node", **kwargs)
         declare_all(self)
         self.settings = {p.name: self.get_parameter(p.name).value for p in PARAMETERS}
-        validate(self.settings)
+        check_params(self.settings)
         s = self.settings
         if not s["checkpoint"]:
             raise CheckpointError("parameter 'checkpoint' is empty: pass the path of a DiffSQL checkpoint")
@@ -130,7 +133,7 @@ class DepthNode(Node):
         new = dict(self.settings)
         new.update({p.name: p.value for p in params})
         try:
-            validate(new)
+            check_params(new)
             scale_cfg = self._scale_config(new)
         except (ConfigError, ValueError) as e:
             return SetParametersResult(successful=False, reason=str(e))
@@ -183,68 +186,63 @@ class DepthNode(Node):
         want = self._wanted(s)
         if not any(want.values()):
             return
-        t = [time.perf_counter()]
-        rgb = compressed_to_rgb8(msg) if isinstance(msg, CompressedImage) else image_to_rgb8(msg)
-        t.append(time.perf_counter())
+        watch = Stopwatch(STAGES)
+        with watch("conversion"):
+            rgb = compressed_to_rgb8(msg) if isinstance(msg, CompressedImage) else image_to_rgb8(msg)
         depth, unc = self.estimator.predict(rgb)
-        t_model = time.perf_counter()
-        H, W = depth.shape
-        K = info = None
+        for key, ms in self.estimator.timing.items():  # preprocess_ms, model_ms, postprocess_ms
+            watch.add(key.removesuffix("_ms"), ms)
+        with watch("postprocess"):
+            K, info = self._camera(msg.header, *depth.shape)
+            scale = self.scaler.update(depth, K)
+            out = postprocess(depth, unc, scale, s, points=want["points"] and K is not None)
+        # Depth first: its consumers do not wait for the cloud and the colour map.
+        with watch("publish"):
+            if want["depth"]:
+                self.pub["depth"].publish(array_to_image(out.depth, "32FC1", msg.header))
+                if info is not None:
+                    self.pub["depth/camera_info"].publish(info)
+        with watch("pointcloud"):
+            cloud = None if out.valid is None else self.clouds.build(
+                out.depth, K, msg.header, out.valid, rgb if s["points.rgb"] else None, s["points.decimation"])
+        with watch("publish"):
+            if cloud is not None:
+                self.pub["points"].publish(cloud)
+            if want["depth/uncertainty"]:
+                self.pub["depth/uncertainty"].publish(array_to_image(out.uncertainty, "32FC1", msg.header))
+        self._publish_colored(out.depth, msg.header, s, want["depth/colored"], watch)
+        self._record(watch.ms, time.perf_counter() - t_recv, scale)
+
+    def _camera(self, header, height: int, width: int):
+        """(K, depth camera_info) for the image's stamp and size; (None, None) without a fitting
+        camera_info (depth is still published, points are not)."""
         with self._info_lock:
-            info_msg = self.infos.match(stamp_ns(msg.header))
+            info_msg = self.infos.match(stamp_ns(header))
         if info_msg is None:
             self.get_logger().warning("no camera_info received yet: publishing depth without points",
                                       throttle_duration_sec=5.0)
-        else:
-            try:
-                K = intrinsics_for_image(info_msg, W, H)
-                info = camera_info_for_image(info_msg, K, W, H, msg.header)
-            except CameraInfoError as e:
-                self.get_logger().error(f"camera_info does not fit the image: {e}", throttle_duration_sec=2.0)
-        scale = self.scaler.update(depth, K)
-        if scale != 1.0:
-            depth *= scale
-            unc *= scale
-        # REP 118: NaN where the depth is unknown (outside the configured range here).
-        bad = depth < s["min_depth"]
-        bad |= depth > s["max_depth"]
-        np.copyto(depth, np.float32(np.nan), where=bad)
-        t_post = time.perf_counter()
-        # Depth first: its consumers do not wait for the cloud and the colour map.
-        if want["depth"]:
-            self.pub["depth"].publish(array_to_image(depth, "32FC1", msg.header))
-            if info is not None:
-                self.pub["depth/camera_info"].publish(info)
-        t_cloud = time.perf_counter()
-        cloud = None
-        if want["points"] and K is not None:
-            valid = depth >= s["points.min_range"]
-            valid &= depth <= s["points.max_range"]
-            if s["points.max_uncertainty"] > 0:
-                valid &= unc <= s["points.max_uncertainty"] * depth
-            cloud = self.clouds.build(depth, K, msg.header, valid, rgb if s["points.rgb"] else None,
-                                      s["points.decimation"])
-        t_pub = time.perf_counter()
-        if cloud is not None:
-            self.pub["points"].publish(cloud)
-        if want["depth/uncertainty"]:
-            self.pub["depth/uncertainty"].publish(array_to_image(unc, "32FC1", msg.header))
-        t_col = time.perf_counter()
-        colored = colorize_depth(depth, s["min_depth"], s["max_depth"]) if want["depth/colored"] else None
-        t_col_end = time.perf_counter()
-        if colored is not None:
-            self.pub["depth/colored"].publish(array_to_image(colored, "rgb8", msg.header))
-        t_end = time.perf_counter()
-        tm = self.estimator.timing
-        stage = {"conversion": t[1] - t[0], "preprocess": tm["preprocess_ms"] / 1e3, "model": tm["model_ms"] / 1e3,
-                 "postprocess": tm["postprocess_ms"] / 1e3 + (t_post - t_model) + (t_col_end - t_col),
-                 "pointcloud": t_pub - t_cloud,
-                 "publish": (t_cloud - t_post) + (t_col - t_pub) + (t_end - t_col_end)}
+            return None, None
+        try:
+            K = intrinsics_for_image(info_msg, width, height)
+            return K, camera_info_for_image(info_msg, K, width, height, header)
+        except CameraInfoError as e:
+            self.get_logger().error(f"camera_info does not fit the image: {e}", throttle_duration_sec=2.0)
+            return None, None
+
+    def _publish_colored(self, depth, header, s, wanted: bool, watch: Stopwatch):
+        if not wanted:
+            return
+        with watch("postprocess"):
+            colored = colorize_inverse_depth(depth, s["min_depth"], s["max_depth"])
+        with watch("publish"):
+            self.pub["depth/colored"].publish(array_to_image(colored, "rgb8", header))
+
+    def _record(self, stage_ms: dict, latency_s: float, scale: float):
         with self._lock:
             self.processed += 1
-            self.latencies.append(t_end - t_recv)
-            for k, v in stage.items():
-                self.stage_ms[k].append(v * 1e3)
+            self.latencies.append(latency_s)
+            for k, v in stage_ms.items():
+                self.stage_ms[k].append(v)
             self.last_scale = scale
 
     # -- diagnostics -------------------------------------------------------------------------
