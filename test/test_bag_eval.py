@@ -103,7 +103,7 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
 
 
 def test_local_dds_environment_is_shared_memory_only_and_restored(monkeypatch):
-    from diffsql_ros.bag_eval import local_dds_environment
+    from diffsql_ros.replay import local_dds_environment
 
     monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
     with local_dds_environment():
@@ -236,3 +236,27 @@ def test_extrinsic_from_the_command_line():
     np.testing.assert_allclose(parse_extrinsic(" ".join(map(str, np.eye(4)[:3].ravel()))), np.eye(4))
     with pytest.raises(ValueError, match="7, 12 or 16"):
         parse_extrinsic("1 2 3")
+
+
+def test_replay_settings_come_from_the_command_line_and_stay_fixed(work):
+    import dataclasses
+
+    from diffsql_ros.bag_eval import default_params_file, parse_args
+    from diffsql_ros.replay import ReplaySettings
+
+    bag, ckpt = str(work / "syn_mcap"), str(work / "tiny.pt")
+    given = ReplaySettings.from_args(parse_args([bag, "--checkpoint", ckpt, "--rate", "2", "--timeout", "5",
+                                                 "--node-param", "device:=cpu", "--node-param", "tf32:=false",
+                                                 "--report", "out", "--max-frames", "3"]))
+    assert (given.rate, given.timeout, given.max_frames) == (2.0, 5.0, 3)
+    assert given.node_params == ("device:=cpu", "tf32:=false") and given.report == pathlib.Path("out")
+    assert given.bag == pathlib.Path(bag) and given.checkpoint == pathlib.Path(ckpt)
+    default = ReplaySettings.from_args(parse_args([bag, "--checkpoint", ckpt]))
+    assert default.rate is None and default.report is None and default.node_params == ()
+    assert default.params_file == default_params_file() and default.params_file.is_file()
+    # the command line's defaults are the settings' own
+    assert default == ReplaySettings(pathlib.Path(bag), pathlib.Path(ckpt), default_params_file())
+    assert (default.timeout, default.first_timeout, default.startup_timeout, default.lidar_tolerance) == (
+        20.0, 120.0, 120.0, 0.05)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        given.rate = None  # a replay cannot change what it was asked to do
