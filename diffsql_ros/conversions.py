@@ -11,7 +11,6 @@ import array
 import numpy as np
 from sensor_msgs.msg import Image
 
-from diffsql_model.colormaps import colorize_inverse_depth
 from diffsql_model.data.image_msgs import ENCODINGS, ImageError
 
 
@@ -40,7 +39,3 @@ def to_uint8_array(arr: np.ndarray) -> array.array:
     out = array.array("B")
     out.frombytes(memoryview(np.ascontiguousarray(arr)).cast("B"))
     return out
-
-
-# Kept importable until depth_node.py and bench/overhead_ops.py import colorize_inverse_depth.
-colorize_depth = colorize_inverse_depth

@@ -22,8 +22,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+from diffsql_model.data.kitti import read_split_file
 from diffsql_model.data.sample_cli import make_sample
-from diffsql_model.eval import metrics as M
+from diffsql_model.eval import cli as eval_cli
+from diffsql_model.eval import metrics, protocols
+from diffsql_ros import report
+from diffsql_ros.bag_eval import format_summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = ROOT / "config" / "train" / "synthetic_lite.yaml"
@@ -84,8 +90,6 @@ def learning_curve(run: pathlib.Path) -> dict:
     out = {"points": points, "seconds_per_step": s_per_step, "train_seconds": summary["train_seconds"]}
     late = [(st, v) for st, v in points if st >= points[-1][0] / 3 and v > 0] if points else []
     if len(late) >= 3 and min(v for _, v in late) > TARGET_ABS_REL:
-        import numpy as np
-
         slope, icpt = np.polyfit(np.log([st for st, _ in late]), np.log([v for _, v in late]), 1)
         if slope < 0:
             steps = float(np.exp((np.log(TARGET_ABS_REL) - icpt) / slope))
@@ -96,18 +100,15 @@ def learning_curve(run: pathlib.Path) -> dict:
 def evaluate_synthetic(checkpoint: pathlib.Path, sample: dict, out: pathlib.Path) -> dict:
     """diffsql-eval's exact-depth protocol on the held-out drive: its depth PNGs are the renderer's
     exact camera z. No Garg crop (a crop for KITTI's car bonnet and sky, not for this camera)."""
-    from diffsql_model.eval import cli as E
-    from diffsql_model.eval import protocols as P
-
     syn = sample["synthetic"]
-    lines = P.read_split_file(syn["test_split"])
-    raw, depth = P.resolve_kitti_data(syn["root"])
-    frames = P.eigen_benchmark_frames(lines, depth, raw)
-    cfg = P.EvalConfig.for_protocol("eigen_benchmark", garg_crop=False)
-    preds = E.ModelPredictions(frames, checkpoint, "cpu", 4)
-    result = P.run_evaluation(frames, preds, cfg, checkpoint=str(checkpoint), split_file=syn["test_split"])
-    print(E.report(result))
-    M.write_json(result, out / "eval_synthetic.json")
+    lines = read_split_file(syn["test_split"])
+    raw, depth = protocols.resolve_kitti_data(syn["root"])
+    frames = protocols.eigen_benchmark_frames(lines, depth, raw)
+    cfg = protocols.EvalConfig.for_protocol("eigen_benchmark", garg_crop=False)
+    preds = eval_cli.ModelPredictions(frames, checkpoint, "cpu", 4)
+    result = protocols.run_evaluation(frames, preds, cfg, checkpoint=str(checkpoint), split_file=syn["test_split"])
+    print(eval_cli.report(result))
+    metrics.write_json(result, out / "eval_synthetic.json")
     return result
 
 
@@ -124,13 +125,11 @@ def replay(bag: str, checkpoint: pathlib.Path, out_dir: pathlib.Path, label: str
 
 def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline: dict, replays: dict,
                       timings: dict) -> pathlib.Path:
-    from diffsql_ros import report as R
-
     syn_m, syn_r, kit_r = offline.get("metrics"), replays["synthetic"], replays["kitti"]
     abs_rel = syn_m["abs_rel"] if syn_m else float("nan")
     kitti_note = ("real KITTI streets: the model never saw a real image (trained on synthetic drives "
                   "only), so these numbers show the domain gap, not what DiffSQL reaches on KITTI")
-    metrics = R.metrics_table([
+    metrics_table = report.metrics_table([
         ("synthetic held-out drive (diffsql-eval, exact depth)", {**syn_m, "count": offline["n_frames"]} if syn_m else {},
          "offline, median scaling, all valid pixels"),
         ("synthetic test bag via depth node", {**(syn_r["metrics"] or {}), "count": syn_r["frames_evaluated"]},
@@ -138,7 +137,7 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
         ("KITTI 2011_09_26 drive 0001 via depth node", {**(kit_r["metrics"] or {}), "count": kit_r["frames_evaluated"]},
          kitti_note),
     ], "depth metrics (lower is better for the first four, higher for the δ columns)")
-    latency = R.latency_table([("synthetic test bag", syn_r), ("KITTI bag", kit_r)],
+    latency = report.latency_table([("synthetic test bag", syn_r), ("KITTI bag", kit_r)],
                               "replay with --max-rate: the next image is published when the previous depth arrived")
     curve = train_info.get("curve") or {}
     if abs_rel <= TARGET_ABS_REL:
@@ -158,35 +157,35 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
     for name, r in (("synthetic", syn_r), ("kitti", kit_r)):
         for p in r.get("pictures", []):
             caption = f"{'synthetic test bag' if name == 'synthetic' else 'KITTI bag (real; synthetic-trained model)'}: {p['caption']}"
-            frames.append(R.FrameRow(caption, [(lbl, f"replay_{name}/{src}") for lbl, src in p["images"]]))
+            frames.append(report.FrameRow(caption, [(lbl, f"replay_{name}/{src}") for lbl, src in p["images"]]))
     sections = [
-        R.Section("Sample frames from the depth node", paragraphs=[
+        report.Section("Sample frames from the depth node", paragraphs=[
             "Each row: the bag image the node received, its depth (warm = near), its uncertainty "
             "(standard deviation of the depth-bin distribution, metres), and the node's point cloud "
             "seen from above and behind the camera."], frames=frames),
-        R.Section("Metrics", paragraphs=[
+        report.Section("Metrics", paragraphs=[
             verdict,
             "AbsRel is the mean relative error |d - d*| / d*; δ<1.25 the share of pixels within 25 % of "
             "the truth. Monocular models know depth only up to scale, so each prediction is scaled by "
             "median(truth) / median(prediction) before scoring (the standard protocol).",
-            "Note: " + kitti_note + "."], tables=[metrics]),
-        R.Section("Latency", paragraphs=[
+            "Note: " + kitti_note + "."], tables=[metrics_table]),
+        report.Section("Latency", paragraphs=[
             "Time from publishing an image to receiving its depth image in another process, on this "
             "machine's CPU, with depth the only subscribed output (the sample frames above were replayed "
             "again afterwards with uncertainty and points subscribed)."], tables=[latency]),
-        R.Section("Run", tables=[R.Table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])],
+        report.Section("Run", tables=[report.Table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])],
                   paragraphs=[f"checkpoint: {train_info.get('checkpoint')}"
                               + (" (reused)" if train_info.get("reused") else ""),
                               "synthetic sample: {train} training / {val} validation / {test} held-out "
                               "test frames".format(**sample["synthetic"]["frames"])]),
     ]
     if curve.get("points"):
-        sections.insert(3, R.Section("Training", paragraphs=["Validation AbsRel (8 frames of a separate synthetic drive) "
+        sections.insert(3, report.Section("Training", paragraphs=["Validation AbsRel (8 frames of a separate synthetic drive) "
                                           "while training; the checkpoint used is the best of these."],
-                  tables=[R.Table(["step", "training s", "val AbsRel"],
+                  tables=[report.Table(["step", "training s", "val AbsRel"],
                                   [[st, f"{st * curve.get('seconds_per_step', 0):.0f}", f"{v:.3f}"]
                                    for st, v in curve.get("points", [])])]))
-    return R.write_report(out / "report.html", "DiffSQL demo", sections,
+    return report.write_report(out / "report.html", "DiffSQL demo", sections,
                           intro="A lite DiffSQL model trained on this CPU on synthetic drives, evaluated offline and "
                                 "through the ROS 2 depth node on a synthetic and a real KITTI bag.")
 
@@ -234,8 +233,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    from diffsql_ros.bag_eval import format_summary
-
     print()
     for r in replays.values():
         print(format_summary(r))

@@ -105,7 +105,3 @@ def check_params(values: dict) -> None:
         raise ConfigError("need points.min_range <= points.max_range")
     if bool(values["input_height"]) != bool(values["input_width"]):
         raise ConfigError("set both input_height and input_width, or neither (0 = the checkpoint's size)")
-
-
-# Kept importable until depth_node.py imports check_params.
-validate = check_params

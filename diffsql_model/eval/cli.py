@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from diffsql_model.checkpoint import load_model
+from diffsql_model.data.kitti import read_split_file
 from diffsql_model.data.network_input import to_tensor_resized
 from diffsql_model.device import resolve_device
 from diffsql_model.eval import metrics, protocols
@@ -117,7 +118,7 @@ def build_frames(args) -> tuple[list[protocols.Frame], dict]:
         return protocols.make3d_frames(args.data, names), details
     if not args.split_file:
         raise ValueError(f"--split-file is required for --protocol {args.protocol}")
-    lines = protocols.read_split_file(args.split_file)
+    lines = read_split_file(args.split_file)
     raw, depth = protocols.resolve_kitti_data(args.data)
     details.update(raw_root=str(raw) if raw else None, depth_root=str(depth) if depth else None)
     if args.protocol == "eigen":

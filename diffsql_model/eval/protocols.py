@@ -22,7 +22,7 @@ from diffsql_model.data import ground_truth as gtlib
 from diffsql_model.data import make3d as m3d
 from diffsql_model.data.calib import load_kitti_calib
 from diffsql_model.data.images import load_rgb
-from diffsql_model.data.kitti import SplitLine, benchmark_gt_path, read_split_file  # noqa: F401  (read_split_file: eval/cli until its move)
+from diffsql_model.data.kitti import SplitLine, benchmark_gt_path
 from diffsql_model.eval import metrics as M
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
