@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from diffsql_model.checkpoint import build_model  # noqa: E402
+from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import cuda_math_mode  # noqa: E402
 from diffsql_model.presets import PRESETS, get_preset  # noqa: E402
 
@@ -102,7 +102,7 @@ def bench_preset(name, args, device, precisions, sd_arch) -> dict:
     res = {}
     for p in precisions:
         torch.manual_seed(0)
-        model = build_model(cfg, device, precision=p).eval()
+        model = DiffSQLDepth.from_config(cfg, device, precision=p).eval()
         params = sum(t.numel() for t in model.parameters()) / 1e6
         trainable = sum(t.numel() for t in model.parameters() if t.requires_grad) / 1e6
         res[p] = measure(model, image, device, dtypes[p], args.runs, not args.no_tf32)

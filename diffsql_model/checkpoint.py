@@ -72,12 +72,6 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str, path
         raise CheckpointError(f"{path}: {what} weights do not fit the model: " + " ".join(first)) from None
 
 
-def build_model(cfg, device=None, precision: str = "fp32", sd_seed: int | None = None):
-    """A `DiffSQLDepth` for the ModelConfig `cfg` on `device`, its frozen SD loaded there in the
-    run `precision`; `sd_seed` rebuilds random SD weights."""
-    return DiffSQLDepth.from_config(cfg, device, precision, sd_seed)
-
-
 # "sd_weights" in a checkpoint: the frozen SD VAE/UNet/null-text are never stored (3.7 GB for
 # v1.5): "external" = they come from the SD folder at load time, "seeded" = random weights rebuilt
 # from "sd_seed" and checked against "sd_fingerprint"; "included" (trainable SD, or older files)
@@ -172,7 +166,7 @@ def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_
             cfg.sd, pretrained_path=None, allow_random_weights=True))
     seed = state.get("sd_seed") if state.get("sd_weights") == SD_SEEDED else None
     try:
-        model = build_model(build_cfg, device, precision, sd_seed=seed)
+        model = DiffSQLDepth.from_config(build_cfg, device, precision, sd_seed=seed)
     except FileNotFoundError as e:  # SDFolderError: folder there but not a readable SD model
         raise CheckpointError(f"{path}: could not load the SD weights: {e}") from None
     if seed is not None:

@@ -26,14 +26,15 @@ def work(tmp_path_factory):
     """A random-init lite checkpoint at 64 x 192 and a 4-frame synthetic drive of that size."""
     import torch
 
-    from diffsql_model.checkpoint import build_model, save_checkpoint
+    from diffsql_model.checkpoint import save_checkpoint
+    from diffsql_model.depth_net import DiffSQLDepth
     from diffsql_model.data.synthetic import SyntheticConfig, render_drive
     from diffsql_model.presets import get_preset
 
     d = tmp_path_factory.mktemp("bag_eval")
     torch.manual_seed(0)
     cfg = get_preset("lite", height=64, width=192)
-    save_checkpoint(d / "tiny.pt", {"model_config": cfg.to_dict(), "model": build_model(cfg).state_dict()})
+    save_checkpoint(d / "tiny.pt", {"model_config": cfg.to_dict(), "model": DiffSQLDepth.from_config(cfg).state_dict()})
     drive = render_drive(SyntheticConfig(width=192, height=64, num_frames=4, seed=5))
     synthetic_drive_to_bag(drive, d / "syn_mcap", "mcap")
     synthetic_drive_to_bag(drive, d / "syn_sqlite", "sqlite3")

@@ -12,8 +12,9 @@ import yaml
 from PIL import Image
 
 from conftest import KITTI_RAW
-from diffsql_model.checkpoint import (SD_EXTERNAL, SD_INCLUDED, SD_SEEDED, CheckpointError, build_model,
+from diffsql_model.checkpoint import (SD_EXTERNAL, SD_INCLUDED, SD_SEEDED, CheckpointError,
                                       load_checkpoint, load_model, model_state, save_checkpoint)
+from diffsql_model.depth_net import DiffSQLDepth
 from diffsql_model.presets import get_preset
 
 H, W = 64, 192
@@ -24,7 +25,7 @@ SD_PREFIXES = ("sd.vae.", "sd.unet.", "sd.null_text")
 def tiny_model(sd_dir=None, frozen=True, seed=0):
     torch.manual_seed(seed)
     sd = {"frozen": frozen, "pretrained_path": str(sd_dir) if sd_dir else None}
-    return build_model(get_preset("tiny_sd", height=H, width=W, sd=sd)).eval()
+    return DiffSQLDepth.from_config(get_preset("tiny_sd", height=H, width=W, sd=sd)).eval()
 
 
 def save(model, path):

@@ -37,7 +37,8 @@ def _demo(out, shared, env):
 def _untrained_abs_rel(out, tmp_path) -> float:
     import torch
 
-    from diffsql_model.checkpoint import build_model, load_checkpoint, save_checkpoint
+    from diffsql_model.checkpoint import load_checkpoint, save_checkpoint
+    from diffsql_model.depth_net import DiffSQLDepth
     from diffsql_model.config import ModelConfig
     from diffsql_ros.demo import evaluate_synthetic
 
@@ -45,7 +46,7 @@ def _untrained_abs_rel(out, tmp_path) -> float:
     cfg = ModelConfig.from_dict(load_checkpoint(info["checkpoint"])["model_config"])
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "untrained.pt", {"model_config": cfg.to_dict(),
-                                                       "model": build_model(cfg).state_dict()})
+                                                       "model": DiffSQLDepth.from_config(cfg).state_dict()})
     sample = json.loads((out / "sample" / "sample.json").read_text())
     (tmp_path / "untrained").mkdir()
     return evaluate_synthetic(ckpt, sample, tmp_path / "untrained")["metrics"]["abs_rel"]

@@ -209,13 +209,14 @@ def test_checkpoint_inference(kitti_shared_root, tmp_path):
     """--checkpoint: a small real DiffSQL network (lite preset, 64 x 192 input) run on the images."""
     import torch
 
-    from diffsql_model.checkpoint import build_model, save_checkpoint
+    from diffsql_model.checkpoint import save_checkpoint
+    from diffsql_model.depth_net import DiffSQLDepth
     from diffsql_model.presets import get_preset
 
     torch.manual_seed(0)
     cfg = get_preset("lite")
     cfg.height, cfg.width = 64, 192
-    model = build_model(cfg)
+    model = DiffSQLDepth.from_config(cfg)
     save_checkpoint(tmp_path / "m.pt", {"model_config": cfg.to_dict(), "model": model.state_dict()})
     split = write_split(tmp_path, (5, 50, 25))
     rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,

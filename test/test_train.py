@@ -188,7 +188,7 @@ def test_non_finite_loss_stops_the_run_with_its_step_and_saves_nothing(tmp_path,
 def test_batched_validation_matches_frame_by_frame(kitti_raw):
     """12 real KITTI frames with LiDAR depth: batches of 8 (8 + 4) and 5 give the per-frame
     metrics of one frame at a time."""
-    from diffsql_model.checkpoint import build_model
+    from diffsql_model.depth_net import DiffSQLDepth
     from diffsql_model.data.kitti import KittiRawDataset
     from diffsql_model.presets import get_preset
     from diffsql_model.train.validate import validate
@@ -197,7 +197,7 @@ def test_batched_validation_matches_frame_by_frame(kitti_raw):
     lines = [f"2011_09_26/2011_09_26_drive_0001_sync {f} {s}" for f in range(6) for s in "lr"]
     val_set = KittiRawDataset(kitti_raw, lines, 64, 192, frame_ids=[0], is_train=False, load_depth=True)
     torch.manual_seed(0)
-    model = build_model(get_preset("lite", height=64, width=192)).train()
+    model = DiffSQLDepth.from_config(get_preset("lite", height=64, width=192)).train()
     one = validate(model, val_set, torch.device("cpu"), batch_size=1)
     assert one["frames"] == 12 and model.training  # train mode restored
     for batch_size in (8, 5):
@@ -357,9 +357,9 @@ def test_lite_learns_depth_on_synthetic_drives(tmp_path, mode):
     model_cfg = resolve_model_config(cfg.model)
     _, val_set = build_datasets(cfg.data, model_cfg)
     torch.manual_seed(cfg.runtime.seed)
-    from diffsql_model.checkpoint import build_model
+    from diffsql_model.depth_net import DiffSQLDepth
 
-    untrained = validate(build_model(model_cfg), val_set, torch.device("cpu"), crop="none")
+    untrained = validate(DiffSQLDepth.from_config(model_cfg), val_set, torch.device("cpu"), crop="none")
     args = ["--config", config, "--out", tmp_path / "run", "--set", f"optim.max_steps={steps}",
             "--set", "optim.time_budget_s=0", "--set", "runtime.progress=false"]
     for s in sets:

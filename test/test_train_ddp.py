@@ -127,10 +127,10 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     assert r0["forward_sync_buffers"] == {"model": True, "pose": True}
     assert_identical_params(r0, r1)
     torch.manual_seed(5)
-    from diffsql_model.checkpoint import build_model
+    from diffsql_model.depth_net import DiffSQLDepth
     from diffsql_model.train.config import TrainConfig, resolve_model_config
 
-    init = build_model(resolve_model_config(TrainConfig.from_dict(cfg).model)).state_dict()
+    init = DiffSQLDepth.from_config(resolve_model_config(TrainConfig.from_dict(cfg).model)).state_dict()
     changed = sum(v.is_floating_point() and not torch.equal(v, init[k]) for k, v in r0["model"].items())
     assert changed > 10  # the replicas trained (and from the same start: seed 5)
     ckpt = torch.load(tmp_path / "out" / "last.pt", weights_only=True)

@@ -17,8 +17,9 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import (CheckpointError, build_model, load_checkpoint, load_model_state, load_state_strict,
+from ..checkpoint import (CheckpointError, load_checkpoint, load_model_state, load_state_strict,
                           model_state, save_checkpoint)
+from ..depth_net import DiffSQLDepth
 from ..device import PRECISIONS
 from ..device import resolve_device as inference_device
 from ..losses import SelfSupervisedLoss
@@ -26,8 +27,8 @@ from ..pose_net import PoseNet, relative_pose
 from .config import TrainConfig, resolve_model_config
 from .datasets import build_datasets
 from .distributed import DistContext, ResumableSampler, all_reduce_max, barrier, wrap_ddp
-from .progress import RunLogger, StepTimer
 from .pose_validation import PoseValidationSet, validate_pose
+from .progress import RunLogger, StepTimer
 from .state import check_resumable, rng_state, seed_everything, set_rng_state
 from .validate import validate
 
@@ -83,7 +84,7 @@ class Trainer:
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a
         # rank-specific stream for augmentation and loss noise.
         seed_everything(cfg.runtime.seed)
-        self.model = build_model(self.model_cfg, device=self.device,
+        self.model = DiffSQLDepth.from_config(self.model_cfg, device=self.device,
                                  precision=cfg.runtime.precision).to(self.device)
         self.pose_net = None
         if cfg.data.temporal_ids:
