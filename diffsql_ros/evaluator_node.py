@@ -19,7 +19,7 @@ from sensor_msgs.msg import Image, PointCloud2
 
 from diffsql_model.data.image_msgs import image_to_array
 from diffsql_model.data.pairing import stamp_ns
-from diffsql_model.eval import protocols as P
+from diffsql_model.eval import protocols
 from diffsql_model.data.pointcloud_msgs import read_points
 
 # stamp_ns -> (H x W ground-truth metres, 0 = none) or (None, reason the frame has none)
@@ -39,7 +39,7 @@ class Sample:
 class DepthEvaluator(Node):
     """Subscribes under `namespace` (where the depth node publishes) once its publishers exist."""
 
-    def __init__(self, namespace: str, gt_for_stamp: GroundTruthFn, cfg: P.EvalConfig,
+    def __init__(self, namespace: str, gt_for_stamp: GroundTruthFn, cfg: protocols.EvalConfig,
                  name: str = "diffsql_bag_evaluator", **node_kwargs):
         super().__init__(name, **node_kwargs)
         self.ns = namespace.rstrip("/")
@@ -47,7 +47,7 @@ class DepthEvaluator(Node):
         self.samples: dict[int, Sample] = {}
         self.scoring = True  # False in the sample pass: frames replayed for pictures are not rescored
         self.received: dict[int, float] = {}  # stamp_ns -> monotonic receive time of its depth
-        self._acc = P.Accumulator(cfg)  # per-frame metrics and missing frames, as diffsql-eval
+        self._acc = protocols.Accumulator(cfg)  # per-frame metrics and missing frames, as diffsql-eval
         self.errors: list[str] = []
         self._cond = threading.Condition()
         self._subs = []

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from diffsql_model.data import ground_truth as G
+from diffsql_model.data import ground_truth
 from diffsql_model.data.calib import CalibrationError, load_kitti_calib
 
 DRIVE = "2011_09_26/2011_09_26_drive_0001_sync"
@@ -18,33 +18,33 @@ def calib(kitti_raw):
 
 
 def scan(kitti_raw, frame):
-    return G.read_velodyne_bin(G.kitti_velodyne_path(kitti_raw, DRIVE, frame))
+    return ground_truth.read_velodyne_bin(ground_truth.kitti_velodyne_path(kitti_raw, DRIVE, frame))
 
 
 def improved(kitti_depth, frame):
-    return G.read_depth_png(kitti_depth / "train" / DRIVE.split("/")[1] / "proj_depth" / "groundtruth"
+    return ground_truth.read_depth_png(kitti_depth / "train" / DRIVE.split("/")[1] / "proj_depth" / "groundtruth"
                             / "image_02" / f"{frame:010d}.png")
 
 
 def test_read_velodyne_bin(kitti_raw):
     points = scan(kitti_raw, 5)
-    path = G.kitti_velodyne_path(kitti_raw, DRIVE, 5)
+    path = ground_truth.kitti_velodyne_path(kitti_raw, DRIVE, 5)
     assert points.dtype == np.float32 and points.shape == (path.stat().st_size // 16, 4)
     assert 100_000 < len(points) < 140_000  # ~121k points a scan (data README)
     assert np.abs(points[:, :3]).max() < 130 and 0 <= points[:, 3].min() and points[:, 3].max() <= 1
 
 
 def test_truncated_and_missing_scans(kitti_raw, tmp_path):
-    src = G.kitti_velodyne_path(kitti_raw, DRIVE, 5)
+    src = ground_truth.kitti_velodyne_path(kitti_raw, DRIVE, 5)
     bad = tmp_path / "cut.bin"
     bad.write_bytes(src.read_bytes()[:16 * 1000 + 7])
-    with pytest.raises(G.GroundTruthError, match="truncated"):
-        G.read_velodyne_bin(bad)
+    with pytest.raises(ground_truth.GroundTruthError, match="truncated"):
+        ground_truth.read_velodyne_bin(bad)
     (tmp_path / "empty.bin").write_bytes(b"")
-    with pytest.raises(G.GroundTruthError, match="truncated"):
-        G.read_velodyne_bin(tmp_path / "empty.bin")
-    with pytest.raises(G.MissingGroundTruth, match="not found"):
-        G.read_velodyne_bin(tmp_path / "nope.bin")
+    with pytest.raises(ground_truth.GroundTruthError, match="truncated"):
+        ground_truth.read_velodyne_bin(tmp_path / "empty.bin")
+    with pytest.raises(ground_truth.MissingGroundTruth, match="not found"):
+        ground_truth.read_velodyne_bin(tmp_path / "nope.bin")
 
 
 def test_missing_calibration_is_clear_error(kitti_raw, tmp_path):
@@ -60,19 +60,19 @@ def test_pixel_convention_and_value(calib):
     A = calib.P_velo_to_image
     w = 20.0
     X = np.linalg.solve(A[:, :3], w * np.array([100.0, 200.0, 1.0]) - A[:, 3])
-    depth = G.velodyne_depth_map(X[None], calib)
+    depth = ground_truth.velodyne_depth_map(X[None], calib)
     assert depth.shape == (375, 1242)
     rows, cols = np.nonzero(depth)
     assert (rows.tolist(), cols.tolist()) == ([199], [99])
     assert depth[199, 99] == pytest.approx(X[0], rel=1e-6)  # velodyne forward x
-    cam_z = G.velodyne_depth_map(X[None], calib, depth="cam_z")[199, 99]
+    cam_z = ground_truth.velodyne_depth_map(X[None], calib, depth="cam_z")[199, 99]
     assert cam_z == pytest.approx((calib.T_velo_to_cam @ np.append(X, 1))[2], rel=1e-6)
     # a point behind the velodyne (x < 0) whose projection falls inside the image is dropped
     behind = np.linalg.solve(A[:, :3], -0.5 * np.array([100.0, 200.0, 1.0]) - A[:, 3])
     assert behind[0] < 0
-    assert not G.velodyne_depth_map(behind[None], calib).any()
+    assert not ground_truth.velodyne_depth_map(behind[None], calib).any()
     with pytest.raises(ValueError, match="depth must be"):
-        G.velodyne_depth_map(X[None], calib, depth="range")
+        ground_truth.velodyne_depth_map(X[None], calib, depth="range")
 
 
 def test_nearest_point_wins(calib):
@@ -81,7 +81,7 @@ def test_nearest_point_wins(calib):
     X = np.linalg.solve(A[:, :3], 15.0 * np.array([600.0, 180.0, 1.0]) - A[:, 3])
     far = centre + 2.0 * (X - centre)  # same ray, twice as far: same pixel
     for points in (np.stack([X, far]), np.stack([far, X])):
-        depth = G.velodyne_depth_map(points, calib)
+        depth = ground_truth.velodyne_depth_map(points, calib)
         assert np.count_nonzero(depth) == 1 and depth[179, 599] == pytest.approx(X[0], rel=1e-6)
 
 
@@ -89,7 +89,7 @@ def test_splat_nearest_by_hand():
     u = np.array([1, 1, 0, 3, -1, 2, np.nan])
     v = np.array([0, 0, 1, 0, 0, 2, 0])  # (1,0) twice; (3,0), (-1,0), (2,2) outside a 3 x 2 image
     value = np.array([5.0, 2.0, 7.0, 1.0, 1.0, 1.0, 1.0])
-    out = G.splat_nearest(u, v, value, height=2, width=3)
+    out = ground_truth.splat_nearest(u, v, value, height=2, width=3)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, [[0, 2, 0], [7, 0, 0]])
 
@@ -97,8 +97,8 @@ def test_splat_nearest_by_hand():
 @pytest.mark.parametrize("frame", FRAMES)
 def test_velodyne_gt_matches_improved_gt(kitti_raw, kitti_depth, calib, frame):
     points = scan(kitti_raw, frame)
-    velo_x = G.velodyne_depth_map(points, calib)
-    cam_z = G.velodyne_depth_map(points, calib, depth="cam_z")
+    velo_x = ground_truth.velodyne_depth_map(points, calib)
+    cam_z = ground_truth.velodyne_depth_map(points, calib, depth="cam_z")
     png = improved(kitti_depth, frame)
     both = (velo_x > 0) & (png > 0)
     assert both.sum() > 5000
@@ -116,16 +116,16 @@ def test_read_depth_png(kitti_depth, tmp_path):
     path = (kitti_depth / "train" / DRIVE.split("/")[1] / "proj_depth" / "groundtruth" / "image_02"
             / "0000000005.png")
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    depth = G.read_depth_png(path)
+    depth = ground_truth.read_depth_png(path)
     assert depth.shape == (375, 1242) and depth.dtype == np.float32
     r, c = np.argwhere(raw > 0)[0]
     assert depth[r, c] == raw[r, c] / 256.0
     assert np.array_equal(depth == 0, raw == 0)
     cv2.imwrite(str(tmp_path / "u8.png"), np.zeros((4, 4), np.uint8))
-    with pytest.raises(G.GroundTruthError, match="uint16"):
-        G.read_depth_png(tmp_path / "u8.png")
+    with pytest.raises(ground_truth.GroundTruthError, match="uint16"):
+        ground_truth.read_depth_png(tmp_path / "u8.png")
     (tmp_path / "junk.png").write_bytes(b"not a png")
-    with pytest.raises(G.GroundTruthError, match="corrupt"):
-        G.read_depth_png(tmp_path / "junk.png")
-    with pytest.raises(G.MissingGroundTruth):
-        G.read_depth_png(tmp_path / "none.png")
+    with pytest.raises(ground_truth.GroundTruthError, match="corrupt"):
+        ground_truth.read_depth_png(tmp_path / "junk.png")
+    with pytest.raises(ground_truth.MissingGroundTruth):
+        ground_truth.read_depth_png(tmp_path / "none.png")

@@ -8,7 +8,7 @@ import scipy.io
 from diffsql_model.data import make3d as m3d
 from diffsql_model.data.ground_truth import GroundTruthError
 from diffsql_model.eval import cli
-from diffsql_model.eval import protocols as P
+from diffsql_model.eval import protocols
 
 
 def test_pairs_found_by_name(make3d_dir):
@@ -110,6 +110,6 @@ def test_make3d_fixed_scale_hand_values(make3d_dir, tmp_path):
 
 def test_make3d_frames_follow_split_names(make3d_dir):
     names = [p.name for p in m3d.find_make3d_pairs(make3d_dir)][::-1][:2]
-    frames = P.make3d_frames(make3d_dir, names)
+    frames = protocols.make3d_frames(make3d_dir, names)
     assert [f.key for f in frames] == names
     assert frames[0].load_gt().shape == (21, 305)

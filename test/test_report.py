@@ -7,7 +7,7 @@ import numpy as np
 
 from diffsql_model.camera import depth_to_points
 from diffsql_model.colormaps import colorize_inverse_depth, depth_picture_bgr
-from diffsql_ros import report as R
+from diffsql_ros import report
 
 
 def _on_view_axis(distance, height=6.0, back=8.0, pitch_deg=25.0):
@@ -17,7 +17,7 @@ def _on_view_axis(distance, height=6.0, back=8.0, pitch_deg=25.0):
 
 
 def test_point_on_the_view_axis_lands_in_the_centre():
-    img = R.render_point_cloud(_on_view_axis(20.0)[None], np.array([[255, 0, 0]], np.uint8),
+    img = report.render_point_cloud(_on_view_axis(20.0)[None], np.array([[255, 0, 0]], np.uint8),
                                size=(64, 48), point_px=1, max_range=100)
     ys, xs = np.nonzero(img.sum(axis=2) != 3 * 24)  # background is grey 24
     assert list(zip(ys, xs)) == [(24, 32)]
@@ -28,7 +28,7 @@ def test_point_one_metre_right_projects_by_the_focal_length():
     # Virtual camera: fov 70 deg over 640 px -> f = 320 / tan(35 deg) = 457.0 px; a point 1 m to
     # the right at view depth 20 m lands 457.0 / 20 = 22.85 -> 23 px right of the centre.
     p = _on_view_axis(20.0) + np.array([1.0, 0, 0], np.float32)
-    img = R.render_point_cloud(p[None], np.array([[0, 255, 0]], np.uint8), size=(640, 360), point_px=1,
+    img = report.render_point_cloud(p[None], np.array([[0, 255, 0]], np.uint8), size=(640, 360), point_px=1,
                                max_range=100)
     ys, xs = np.nonzero(img[..., 1] == 255)
     assert (int(ys[0]), int(xs[0])) == (180, 320 + round(320 / math.tan(math.radians(35)) / 20))
@@ -38,14 +38,14 @@ def test_nearest_point_wins_whatever_the_order():
     near, far = _on_view_axis(10.0), _on_view_axis(30.0)
     colours = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
     for pts, cols in (([near, far], colours), ([far, near], colours[::-1])):
-        img = R.render_point_cloud(np.stack(pts), cols, size=(64, 48), point_px=1, max_range=100)
+        img = report.render_point_cloud(np.stack(pts), cols, size=(64, 48), point_px=1, max_range=100)
         assert tuple(img[24, 32]) == (0, 0, 255)  # the near point is red
 
 
 def test_points_behind_or_out_of_range_are_not_drawn():
     pts = np.array([[0, 0, -1.0], [0, 0, 500.0], [np.nan, 0, 5.0]], np.float32)
-    img = R.render_point_cloud(pts, size=(64, 48))
-    empty = R.render_point_cloud(np.zeros((0, 3), np.float32), size=(64, 48))  # "no points" caption
+    img = report.render_point_cloud(pts, size=(64, 48))
+    empty = report.render_point_cloud(np.zeros((0, 3), np.float32), size=(64, 48))  # "no points" caption
     np.testing.assert_array_equal(img, empty)
     assert (empty[30:] == 24).all()  # nothing drawn below the caption
 
@@ -86,18 +86,18 @@ def test_report_page_parses_and_references_written_pictures(tmp_path):
     unc = 0.1 * depth
     K = np.array([[100.0, 0, 60], [0, 100, 20], [0, 0, 1]])
     xyz, pix = depth_to_points(depth, K, stride=2)
-    entries = R.frame_pictures(tmp_path / "pics", "f0", rgb, depth, unc, xyz, rgb[pix[:, 0], pix[:, 1]])
+    entries = report.frame_pictures(tmp_path / "pics", "f0", rgb, depth, unc, xyz, rgb[pix[:, 0], pix[:, 1]])
     assert [e[0] for e in entries] == ["input", "depth", "uncertainty", "point cloud"]
-    rows = [R.FrameRow("frame 0", [(lbl, f"pics/{src}") for lbl, src in entries])]
-    metrics = {"abs_rel": 0.1234, "sq_rel": 0.5, "rmse": 4.0, "rmse_log": 0.2, "a1": 0.9, "a2": 0.95,
+    rows = [report.FrameRow("frame 0", [(lbl, f"pics/{src}") for lbl, src in entries])]
+    scores = {"abs_rel": 0.1234, "sq_rel": 0.5, "rmse": 4.0, "rmse_log": 0.2, "a1": 0.9, "a2": 0.95,
                "a3": 0.99, "count": 7}
     summary = {"frames_played": 12, "frames_evaluated": 10, "frames_dropped": 0, "frames_without_lidar": 2,
                "latency_ms": {"p50": 150.04, "p90": 200.0, "p99": 250.0, "max": 260.0}, "throughput_fps": 5.5}
-    page = R.write_report(tmp_path / "report.html", "T <&> test", [
-        R.Section("Frames", frames=rows),
-        R.Section("Metrics", paragraphs=["Note: <synthetic> training"],
-                  tables=[R.metrics_table([("run A", metrics, "n"), ("run B", None, "no data")]),
-                          R.latency_table([("bag", summary)])])])
+    page = report.write_report(tmp_path / "report.html", "T <&> test", [
+        report.Section("Frames", frames=rows),
+        report.Section("Metrics", paragraphs=["Note: <synthetic> training"],
+                       tables=[report.metrics_table([("run A", scores, "n"), ("run B", None, "no data")]),
+                          report.latency_table([("bag", summary)])])])
     parser = _Collect()
     parser.feed(page.read_text())
     assert parser.headings[0] == "T <&> test"  # escaped in the file, text again once parsed

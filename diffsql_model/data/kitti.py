@@ -21,7 +21,8 @@ from diffsql_model.data.augment import (
     normalised_kitti_K,
 )
 from diffsql_model.data.calib import load_kitti_calib, stereo_baseline
-from diffsql_model.data.ground_truth import MissingGroundTruth
+from diffsql_model.data.ground_truth import (MissingGroundTruth, kitti_velodyne_path, read_velodyne_bin,
+                                             velodyne_depth_map)
 from diffsql_model.data.images import load_rgb
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,6 @@ class KittiRawDataset(torch.utils.data.Dataset):
         return stamps[frame] if 0 <= frame < len(stamps) else -1
 
     def _depth(self, folder: str, frame: int, side: str, size, flip: bool) -> torch.Tensor:
-        from diffsql_model.data.ground_truth import kitti_velodyne_path, read_velodyne_bin, velodyne_depth_map
-
         calib = self._calib(folder.split("/")[0], SIDE_TO_CAM[side])
         points = read_velodyne_bin(kitti_velodyne_path(self.root, folder, frame))
         depth = velodyne_depth_map(points, calib, size, self.depth_definition)

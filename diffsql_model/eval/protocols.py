@@ -23,7 +23,7 @@ from diffsql_model.data import make3d as m3d
 from diffsql_model.data.calib import load_kitti_calib
 from diffsql_model.data.images import load_rgb
 from diffsql_model.data.kitti import SplitLine, benchmark_gt_path
-from diffsql_model.eval import metrics as M
+from diffsql_model.eval import metrics
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
 PROTOCOLS = ("eigen", "eigen_benchmark", "make3d", "bag")
@@ -160,15 +160,15 @@ class Accumulator:
     def add(self, key: str, gt: np.ndarray, pred: np.ndarray) -> None:
         cfg = self.cfg
         gt = np.asarray(gt, dtype=np.float32)
-        pred = M.resize_prediction(pred, *gt.shape)
+        pred = metrics.resize_prediction(pred, *gt.shape)
         valid = np.isfinite(gt) & (gt > cfg.min_depth) & (gt < cfg.max_depth)
         if cfg.garg_crop:
-            valid &= M.garg_crop_mask(*gt.shape)
+            valid &= metrics.garg_crop_mask(*gt.shape)
         if not valid.any():
             self.missing.append({"frame": key, "reason": "no valid ground-truth pixel in the mask"})
             return
         try:
-            values, ratio = M.evaluate_frame(gt, pred, valid, scaling=cfg.scaling, scale=cfg.scale,
+            values, ratio = metrics.evaluate_frame(gt, pred, valid, scaling=cfg.scaling, scale=cfg.scale,
                                              clip=(cfg.clip_min, cfg.clip_max))
         except ValueError as e:
             raise ValueError(f"frame {key}: {e}") from None
@@ -184,8 +184,8 @@ class Accumulator:
             "n_frames": len(self.per_frame),
             "n_missing": len(self.missing),
             "missing": self.missing,
-            "metrics": M.mean_metrics(self.per_frame) if self.per_frame else None,
-            "scaling": ({"mode": "median", **M.ratio_stats(self.ratios)} if cfg.scaling == "median"
+            "metrics": metrics.mean_metrics(self.per_frame) if self.per_frame else None,
+            "scaling": ({"mode": "median", **metrics.ratio_stats(self.ratios)} if cfg.scaling == "median"
                         else {"mode": "fixed", "scale": cfg.scale}) if self.per_frame else {"mode": cfg.scaling},
             "settings": cfg.to_dict(),
             **details,

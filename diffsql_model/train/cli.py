@@ -9,8 +9,13 @@ import argparse
 import pathlib
 import sys
 
+import torch
+
 from ..errors import CheckpointError
 from ..yaml_config import ConfigError
+from .config import TrainConfig, resolve_model_config
+from .distributed import init_from_env, shutdown
+from .trainer import Trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import TrainConfig, resolve_model_config
-
     try:
         cfg = TrainConfig.load_yaml(args.config).with_overrides(args.overrides)
         resolve_model_config(cfg.model)  # model errors (e.g. SD without weights) before any data
@@ -44,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffsql-train: --resume: no checkpoint at {out}/last.pt", file=sys.stderr)
         return 2
 
-    from .distributed import init_from_env, shutdown
-    from .trainer import Trainer
-
     ctx = init_from_env("cuda" if cfg.runtime.device.startswith("cuda") or (
         cfg.runtime.device == "auto" and _cuda()) else "cpu")
     try:
@@ -61,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

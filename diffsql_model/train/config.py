@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import yaml
+
 from ..config import ModelConfig, check_sd_weights
 from ..device import PRECISIONS
 from ..losses import LossConfig
@@ -135,8 +137,6 @@ class TrainConfig(YamlConfig):
             parts = key.split(".")
             if "=" in item and parts[0] == "model" and len(parts) >= 2 and parts[1] not in own \
                     and parts[1] in model_fields:
-                import yaml
-
                 node = routed
                 for p in parts[1:-1]:
                     node = node.setdefault(p, {})

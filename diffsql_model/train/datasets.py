@@ -7,7 +7,10 @@ import torch
 
 from ..config import ModelConfig
 from ..yaml_config import ConfigError
-from ..data.kitti import SplitLine, benchmark_gt_path
+from ..data.bags import BagDataset
+from ..data.folder import ImageFolderDataset
+from ..data.ground_truth import read_depth_png
+from ..data.kitti import KittiRawDataset, SplitLine, benchmark_gt_path
 from .config import DataConfig
 
 
@@ -24,8 +27,6 @@ class WithDepthPng(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict:
-        from ..data.ground_truth import read_depth_png
-
         sample = self.base[i]
         sample["depth_gt"] = torch.from_numpy(read_depth_png(self.paths[i]))[None]
         return sample
@@ -42,8 +43,6 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig):
     size = {"height": model_cfg.height, "width": model_cfg.width}
     temporal = [0] + cfg.temporal_ids
     if cfg.kind == "kitti":
-        from ..data.kitti import KittiRawDataset
-
         root = _require(cfg.root, "root")
         train = KittiRawDataset(root, _require(cfg.train_split, "train_split"), frame_ids=temporal,
                                 stereo=cfg.stereo, is_train=True, **size, **cfg.options)
@@ -55,8 +54,6 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig):
                 val = WithDepthPng(val, cfg.depth_root)
         return train, val
     if cfg.kind == "bag":
-        from ..data.bags import BagDataset
-
         topic = {"image_topic": cfg.camera_topic} if cfg.camera_topic else {}
         train = BagDataset(_require(cfg.root, "root"), frame_ids=cfg.frame_ids, is_train=True,
                            **size, **topic, **cfg.options)
@@ -65,8 +62,6 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig):
             val = BagDataset(cfg.val_root, frame_ids=[0], is_train=False, **size, **topic, **cfg.val_options)
         return train, val
     if cfg.kind == "folder":
-        from ..data.folder import ImageFolderDataset
-
         train = ImageFolderDataset(_require(cfg.root, "root"), frame_ids=cfg.frame_ids, is_train=True,
                                    **size, **cfg.options)
         return train, None

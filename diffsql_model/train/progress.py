@@ -53,7 +53,7 @@ class RunLogger:
             return
         trainer.out.mkdir(parents=True, exist_ok=True)
         trainer.cfg.save_yaml(trainer.out / "train_config.yaml")
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard): rank 0 only
 
         self.writer = SummaryWriter(log_dir=str(trainer.out / "tensorboard"), purge_step=trainer.step or None)
         if trainer.cfg.runtime.progress:
