@@ -157,6 +157,7 @@ class SelfSupervisedLoss:
 
         total, photo_sum, smooth_sum, mask_frac = 0.0, 0.0, 0.0, 0.0
         warped_out: dict = {}
+        mask_out = None  # B x 1 x H x W auto-mask of the first scale (1 = the warp won)
         for s in cfg.scales:
             d = depths[s]
             if self.check_depth and (not torch.isfinite(d).all() or (d <= 0).any()):
@@ -174,6 +175,8 @@ class SelfSupervisedLoss:
                 mu = automask(rep_min, identity, noise=cfg.automask_noise)
                 photo = (mu * per_pixel).mean()
                 mask_frac = mask_frac + mu.mean().detach()
+                if s == cfg.scales[0]:
+                    mask_out = mu.detach()
             else:
                 photo = per_pixel.mean()
             img_s = target if d.shape[-2:] == (h, w) else F.interpolate(
@@ -198,4 +201,5 @@ class SelfSupervisedLoss:
             # The network's own scale (before any normalisation): free in M training, so watched.
             "mean_depth": depths[cfg.scales[0]].detach().mean(),
             "warped": warped_out,
+            "automask": mask_out,
         }

@@ -90,3 +90,7 @@ def test_tensorboard_grid_tiles_are_input_inverse_depth_magma_and_uncertainty_vi
     for col, maps, name in ((1, 1.0 / depth, "magma"), (2, unc, "viridis")):
         expected = colorize_percentiles(maps[1, 0], name).transpose(2, 0, 1) / 255
         np.testing.assert_allclose(tile(1, col).numpy(), expected, atol=1e-7)
+    mask = torch.from_numpy((rng.random((2, 1, 6, 8)) > 0.5).astype(np.float32))
+    grid = image_grid(image, torch.from_numpy(depth), torch.from_numpy(unc), automask=mask)
+    assert grid.shape == (3, 2 + 2 * (6 + 2), 2 + 4 * (8 + 2))  # a fourth tile per row
+    torch.testing.assert_close(grid[:, 10:16, 32:40], mask[1].expand(3, -1, -1))  # row 1, tile 3

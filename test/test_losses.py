@@ -81,6 +81,7 @@ def test_loss_is_zero_for_identical_images_and_static_frames_are_masked():
     moved[0, 0, 3] = 0.3
     out = SelfSupervisedLoss(cfg)(img, {1: img.clone()}, depth, K, inv_K, {1: moved})
     assert out["automask_fraction"].item() == 0.0 and out["loss"].item() == 0.0
+    assert out["automask"].shape == (1, 1, 24, 32) and out["automask"].sum() == 0  # the per-pixel map
     assert set(out["warped"]) == {1} and out["warped"][1].shape == img.shape
 
 

@@ -70,13 +70,17 @@ def _colorize(maps: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def image_grid(image: torch.Tensor, depth: torch.Tensor, uncertainty: torch.Tensor,
-               max_images: int = 4) -> torch.Tensor:
-    """3 x H' x W' grid: rows of (input, inverse depth in magma, uncertainty in viridis)."""
+               max_images: int = 4, automask: torch.Tensor | None = None) -> torch.Tensor:
+    """3 x H' x W' grid: rows of (input, inverse depth in magma, uncertainty in viridis) and, with
+    `automask` (B x 1 x H x W, 1 = the warp won), a fourth tile: black where the photometric
+    minimum picked the unwarped source, i.e. pixels the loss ignored."""
     n = min(max_images, image.shape[0])
     img = image[:n].detach().float().cpu().clamp(0, 1)
     inv = _colorize(1.0 / depth[:n].clamp_min(1e-6), "magma")
     unc = _colorize(uncertainty[:n], "viridis")
     size = img.shape[-2:]
-    inv, unc = (F.interpolate(t, size=size, mode="nearest") for t in (inv, unc))
-    tiles = torch.stack([img, inv, unc], dim=1).reshape(-1, 3, *size)  # (n*3) x 3 x H x W
-    return torchvision.utils.make_grid(tiles, nrow=3, padding=2)
+    parts = [img] + [F.interpolate(t, size=size, mode="nearest") for t in (inv, unc)]
+    if automask is not None:
+        parts.append(F.interpolate(automask[:n].detach().float().cpu(), size=size, mode="nearest").expand(-1, 3, -1, -1))
+    tiles = torch.stack(parts, dim=1).reshape(-1, 3, *size)  # (n*tiles) x 3 x H x W
+    return torchvision.utils.make_grid(tiles, nrow=len(parts), padding=2)
