@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from ..camera import ray_grid
 from ..yaml_config import ConfigError, YamlConfig
 
 # KITTI-like velodyne mount: x forward, y left, z up; 0.27 m behind and 0.08 m above the camera.
@@ -165,12 +166,10 @@ class SyntheticScene:
         self.kinds = np.array(kinds, dtype=np.int64)
         self.colors = np.array(colors, dtype=np.float32)
         self.styles = np.array(styles, dtype=np.float32).reshape(-1, len(_DEMO_FACADE))
-        K = cfg.K
-        u, v = np.meshgrid(np.arange(cfg.width), np.arange(cfg.height))
         # 3 x H x W camera rays with z = 1 (so ray parameter = camera depth); float32 for speed,
         # which keeps depth to ~1e-7 relative.
-        self.rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1],
-                              np.ones_like(u, dtype=np.float64)]).astype(np.float32)
+        rx, ry = ray_grid(cfg.K, cfg.height, cfg.width)
+        self.rays = np.stack([rx, ry, np.ones_like(rx)])
 
     def _facade_style(self, rng) -> tuple:
         """One building's facade: see _DEMO_FACADE for the fields."""
