@@ -78,7 +78,7 @@ class RunLogger:
         if t.step % rt.log_every == 0 or t.step == total_steps:
             self._log_scalars(losses)
         if rt.image_every and t.step % rt.image_every == 0:
-            self.writer.add_image("train/input_depth_uncertainty_automask", image_grid(
+            self.writer.add_image("train/input_depth_uncertainty", image_grid(
                 batch[("color", 0)], outputs["depth"], outputs["uncertainty"],
                 automask=losses.get("automask")), t.step)
 
