@@ -98,10 +98,13 @@ class LossConfig(YamlConfig):
     # "auto": on when no source is the stereo partner "s" (M training), off otherwise (MS,
     # stereo: the known baseline fixes metric scale); "on" / "off" force it. See normalize_depth.
     depth_normalization: str = "auto"
-    # With normalisation the loss leaves the network's depth scale free, and it drifts. Weight of
-    # (log mean depth - log scale_anchor_depth)^2, acting only on that free scale; 0 = off.
-    scale_anchor: float = 0.0
-    scale_anchor_depth: float = 10.0  # metres: mid-range of the bins, not a claim of metric scale
+    # Not in the paper. Depth normalisation leaves the network's depth scale free: it starts near
+    # 50 m, where depth / mean cannot exceed 80 / 50 = 1.6 and a street's far field is clipped,
+    # then wanders. Weight of (log mean depth - log scale_anchor_depth)^2, acting on that free
+    # scale only (M runs; the photometric term cannot see it); 0 = off. Measured on synthetic
+    # worlds (bench/mono_learning.py, docs/benchmarks.md): without it M collapsed to constant depth.
+    scale_anchor: float = 0.1
+    scale_anchor_depth: float = 10.0  # metres: inside the bins' range, not a claim of metric scale
 
     def __post_init__(self):
         if self.depth_normalization not in ("auto", "on", "off"):
