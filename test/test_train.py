@@ -376,3 +376,41 @@ def test_lite_learns_depth_on_synthetic_drives(tmp_path, mode):
     assert trained["frames"] == untrained["frames"] == 8
     assert trained["abs_rel"] < rel_bound * untrained["abs_rel"]
     assert trained["a1"] > d1_bound
+
+
+@pytest.mark.slow
+def test_monocular_learns_on_a_held_out_world(tmp_path):
+    """Issue 11's target on a world nothing was tuned on (heldout_downtown): `diffsql-train` with
+    config/train/synthetic_m.yaml (M: PoseNet, no ImageNet, 64x192, batch 4) reaches AbsRel <= 0.25
+    on a training drive and <= 0.30 on a held-out drive. Measured with bench/mono_learning.py on
+    the same data: 0.223 / 0.279 at step 500."""
+    from diffsql_model.data.kitti import KittiRawDataset
+    from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, write_split
+    from diffsql_model.train.datasets import WithDepthPng
+    from diffsql_model.train.validate import validate
+
+    frames = 38
+    data = make_synthetic_kitti(tmp_path / "world", train_seeds=tuple(range(12)), val_seed=500,
+                                num_frames=frames, width=384, height=128, val_frames=frames,
+                                world="heldout_downtown")
+    write_split(tmp_path / "train_drive.txt", DATE, f"{DATE}_drive_0001_sync", range(frames))
+    sets = [f"data.{k}={v}" for k, v in data.items()]
+    args = ["--config", ROOT / "config" / "train" / "synthetic_m.yaml", "--out", tmp_path / "run",
+            "--set", f"optim.max_steps={MONO_WORLD_STEPS}", "--set", "runtime.progress=false"]
+    for s in sets:
+        args += ["--set", s]
+    run_cli(*args, env_extra={"OMP_NUM_THREADS": "2"}, timeout=3000)
+    model, cfg = load_model(tmp_path / "run" / "last.pt")
+
+    def abs_rel(split):
+        base = KittiRawDataset(data["root"], split, height=cfg.height, width=cfg.width, frame_ids=[0],
+                               is_train=False)
+        return validate(model, WithDepthPng(base, data["depth_root"]), torch.device("cpu"),
+                        max_frames=0, crop="none")["abs_rel"]
+
+    train_drive, held_out = abs_rel(tmp_path / "train_drive.txt"), abs_rel(data["val_split"])
+    print(f"heldout_downtown, {MONO_WORLD_STEPS} steps: training drive {train_drive:.3f}, held-out {held_out:.3f}")
+    assert train_drive <= 0.25 and held_out <= 0.30
+
+
+MONO_WORLD_STEPS = 750  # the measured curve met the target from step 500
