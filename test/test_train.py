@@ -413,4 +413,7 @@ def test_monocular_learns_on_a_held_out_world(tmp_path):
     assert train_drive <= 0.25 and held_out <= 0.30
 
 
-MONO_WORLD_STEPS = 750  # the measured curve met the target from step 500
+# bench/mono_learning.py met the target from step 500 (0.221 / 0.271 at 750); this test's own
+# run (2 threads, validation every 250 steps) gave 0.246 / 0.311 at 750: it fails the held-out
+# bound, the target is not yet met robustly (issue 11 open).
+MONO_WORLD_STEPS = 750
