@@ -534,7 +534,13 @@ def test_malformed_messages_do_not_kill_the_node(setup):
 
 def test_flood_drops_stale_frames_with_bounded_latency_and_flat_memory(setup):
     rx, pub, node = setup["rx"], setup["pub"], setup["node"]
-    dropped0 = int(rx.last_diag().get("dropped frames", 0))
+    # Depth only: the check is the newest-frame policy, not how fast 2 cores serialise four outputs.
+    others = ("points", "uncertainty", "colored")
+    for k in others:
+        assert rx.set_param(f"publish.{k}", False).successful
+    diag0 = rx.last_diag()
+    dropped0, processed0 = int(diag0.get("dropped frames", 0)), int(diag0.get("processed frames", 0))
+    t0 = time.time()
     n1 = int(pub.send("flood 3").split()[1])
     rss1 = _rss_mb(node.pid)
     t_mid = time.time()
@@ -547,14 +553,20 @@ def test_flood_drops_stale_frames_with_bounded_latency_and_flat_memory(setup):
     assert time.time() - t_end < 5.0  # answers at once after the flood
     time.sleep(1.2)
     diag = rx.last_diag()
+    for k in others:
+        assert rx.set_param(f"publish.{k}", True).successful
     with rx.lock:
         late = [(t - (s + ns * 1e-9)) for s, ns, t in rx.arrival["depth"] if t > t_mid and s > 10**9]
     processed = len(late)
     assert n1 + n2 + n3 > 150 and processed >= 5
     assert int(diag["dropped frames"]) - dropped0 > (n1 + n2 + n3) // 3
-    # Newest frame first: publish-to-receive latency stays near one inference, never queues up
-    # (a queue would grow to seconds within a 3 s flood at these rates).
-    assert np.median(late) < 1.0 and max(late) < 3.0, late
+    # Newest frame first: publish-to-receive latency stays near one cycle of the node (wait for
+    # the frame in progress, then its own), never queues up: a queue grows by a cycle per frame
+    # it holds, to seconds within a 3 s flood at these rates. The cycle is measured in this run,
+    # so a slow or loaded machine moves the bound with it.
+    cycle = (t_end - t0) / max(int(diag["processed frames"]) - processed0 - 1, 1)
+    info = dict(cycle_s=round(cycle, 3), late=[round(x, 3) for x in late], diag=diag)
+    assert np.median(late) < 3 * cycle + 0.3 and max(late) < 8 * cycle + 1.0, info
     # Flat memory: a leak grows with every flood (50+ frames of 1.4 MB each); the allocator's
     # arenas grow in occasional steps (seen: +17 and +30 MB once), so one step may be large.
     steps = (rss2 - rss1, rss3 - rss2)
