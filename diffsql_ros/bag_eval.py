@@ -12,7 +12,14 @@ up with); `--max-rate` (default) publishes the next frame as soon as the depth o
 one arrived, or after `--timeout` seconds (that frame counts as dropped): bounded and
 deterministic. With `--report`, a few sample frames are replayed once more afterwards with the
 uncertainty and point-cloud outputs subscribed, for the pictures; latency is measured in the
-main pass, where `depth` is the node's only subscribed output.
+main pass, where `depth` is the node's only subscribed output (with `--uncertainty`, also
+`depth/uncertainty`).
+
+`--uncertainty`: every frame's depth and uncertainty (std, metres) scored by sparsification:
+AUSE and AURG for AbsRel and RMSE, ranked by std and by std / depth (the same numbers as
+`diffsql-eval --protocol bag --uncertainty`). Always: the scale stability of the frames in stamp
+order (CV and median frame-to-frame change of median(gt) / median(depth)) for the node's
+`scale.mode` of this replay (params file, or `--node-param scale.mode:=camera_height`).
 """
 from __future__ import annotations
 
@@ -23,13 +30,15 @@ import pathlib
 import sys
 
 import numpy as np
+import yaml
 
 from diffsql_model.data.bag_index import BagHandle
 from diffsql_model.data.bag_reader import BagError
 from diffsql_model.data.lidar import LidarDepth, parse_extrinsic
-from diffsql_model.eval import metrics, protocols
+from diffsql_model.eval import metrics, protocols, scale_stability, sparsification
 from diffsql_ros.bag_player import BagTopics, ReplayFrame, choose_topics, index_camera
 from diffsql_ros.replay import ReplaySettings, local_dds_environment, play, replay_samples, replay_session
+from diffsql_ros.scale import ScaleConfig
 from diffsql_ros.share import config_path
 
 
@@ -60,6 +69,28 @@ def load_bag(settings: ReplaySettings) -> tuple[BagTopics, list[ReplayFrame], di
     return topics, frames, cameras, truth
 
 
+def node_scale_mode(settings: ReplaySettings) -> str:
+    """The depth node's scale.mode in this replay: the last --node-param scale.mode:=X, else the
+    params file's (nested `scale: {mode: X}` or flat `scale.mode: X`), else the node's default."""
+    for p in reversed(settings.node_params):
+        if p.startswith("scale.mode:="):
+            return p.split(":=", 1)[1]
+    for node in (yaml.safe_load(settings.params_file.read_text()) or {}).values():
+        params = (node or {}).get("ros__parameters") or {}
+        mode = params.get("scale.mode") or (params.get("scale") or {}).get("mode")
+        if mode:
+            return str(mode)
+    return ScaleConfig().mode
+
+
+def stability_of(per_frame: list, scale_mode: str) -> dict | None:
+    """Scale stability of the evaluated frames in stamp order (their keys are stamps in seconds)."""
+    if not per_frame:
+        return None
+    ordered = sorted(per_frame, key=lambda f: float(f["frame"]))
+    return {"scale_mode": scale_mode, **scale_stability.from_per_frame(ordered)}
+
+
 def pick_samples(frames, truth: LidarDepth, n: int) -> list:
     """Up to n frames spread over the bag, preferring frames that have a LiDAR scan."""
     if n <= 0:
@@ -85,6 +116,10 @@ def run(settings: ReplaySettings) -> dict:
     with contextlib.closing(truth), replay_session(settings, topics.image_type, ground_truth, cfg) as session:
         played, kept = play(frames, session, settings, topics, {f.stamp_ns for f in samples})
         samples = [kept[f.stamp_ns] for f in samples if f.stamp_ns in kept]
+        unc = None
+        if session.uncertainty:
+            session.uncertainty.wait_for(set(session.evaluator.received), settings.timeout, session.node.alive)
+            unc = session.uncertainty.result()
         result = session.evaluator.result()
         timing = replay_timing(played, session.player, session.evaluator)
         pictures = replay_samples(samples, session, settings) if samples else []
@@ -99,10 +134,12 @@ def run(settings: ReplaySettings) -> dict:
         "frames_evaluated": len(result["per_frame"]),
         "frames_without_lidar": len(result["missing"]),
         "latency_ms": percentiles(timing["latencies_ms"]),
+        "latencies_ms": timing["latencies_ms"],  # per frame received, in play order
         "throughput_fps": timing["throughput_fps"],
         "replay_s": timing["replay_s"],  # first to last image published
         "startup_s": session.startup_s,
         "metrics": result["metrics"], "scaling": result["scaling"],
+        "scale_mode": node_scale_mode(settings),
         "protocol": {k: v for k, v in cfg.to_dict().items() if k != "gt_depth"},  # gt_depth: eigen only
         "gt_depth": truth.depth_definition,
         "errors": result["errors"], "missing": result["missing"], "per_frame": result["per_frame"],
@@ -111,9 +148,24 @@ def run(settings: ReplaySettings) -> dict:
                  "fastdds_profile": os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]},
         "pictures": pictures,
     }
+    summary["scale_stability"] = stability_of(summary["per_frame"], summary["scale_mode"])
+    if unc is not None:
+        add_uncertainty(summary, unc)
     if settings.report:
         summary["report"] = str(write_bag_report(summary, settings.report))
     return summary
+
+
+def add_uncertainty(summary: dict, unc: dict) -> None:
+    """The UncertaintyScorer's result into the summary: the mean scores, each frame's own next to
+    its depth metrics, and its errors (a frame it could not score) with the evaluator's."""
+    summary["uncertainty"] = unc["uncertainty"]
+    by_frame = {f["frame"]: f["uncertainty"] for f in unc["per_frame"]}
+    for f in summary["per_frame"]:
+        if f["frame"] in by_frame:
+            f["uncertainty"] = by_frame[f["frame"]]
+    summary["errors"] = summary["errors"] + unc["errors"]
+    summary["frames_with_uncertainty"] = len(unc["per_frame"])
 
 
 def replay_timing(played: list[ReplayFrame], player, evaluator) -> dict:
@@ -173,6 +225,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"  error: {e}")
     if s["metrics"]:
         lines.append(metrics.format_table(s["metrics"]))
+    if s.get("uncertainty"):
+        lines.append(sparsification.format_table(s["uncertainty"]))
+    if s.get("scale_stability"):
+        lines.append(scale_stability.format_line(s["scale_stability"], f"scale.mode {s['scale_mode']}"))
     return "\n".join(lines)
 
 
@@ -208,6 +264,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=pathlib.Path)
     ap.add_argument("--report", type=pathlib.Path, help="folder for index.html and pictures")
     ap.add_argument("--report-frames", type=int, default=ReplaySettings.report_frames)
+    ap.add_argument("--uncertainty", action="store_true",
+                    help="also score the node's depth/uncertainty by sparsification (AUSE, AURG)")
     ap.add_argument("--progress", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rate is not None and args.rate <= 0:

@@ -1,4 +1,5 @@
 """diffsql-bag-eval: bags replayed through the real depth node (a subprocess), scored like diffsql-eval."""
+import dataclasses
 import html.parser
 import json
 import os
@@ -63,11 +64,12 @@ def diffsql_eval(*args) -> dict:
 
 
 def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
-    res = bag_eval(work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--max-rate",
+    res = bag_eval(work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--max-rate", "--uncertainty",
                    "--json", work / "replay.json", "--report", work / "report", "--report-frames", "2")
     assert res.returncode == 0, res.stderr + res.stdout
     got = json.loads((work / "replay.json").read_text())
-    ref = diffsql_eval("--data", work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--json", work / "ref.json")
+    ref = diffsql_eval("--data", work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--uncertainty",
+                       "--json", work / "ref.json")
     assert got["frames_played"] == got["frames_received"] == got["frames_evaluated"] == 4
     assert got["frames_dropped"] == 0 and got["errors"] == []
     assert ref["n_frames"] == 4
@@ -76,6 +78,22 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
     assert [f["n_valid"] for f in got["per_frame"]] == [f["n_valid"] for f in ref["per_frame"]]
     for k, v in ref["metrics"].items():
         assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    # --uncertainty: the node's published uncertainty scores as the network's own output does. The
+    # random network's uncertainty spans 0.6 % of its value over a frame (std 0.16 m around 27 m):
+    # the node's uint8 input path moves it by ~1e-5 m, which reorders near-ties (~1e-3 relative)
+    assert got["frames_with_uncertainty"] == 4 and "AbsRel AUSE" in res.stdout and "std/depth" in res.stdout
+    for rank in ("std", "std_over_depth"):
+        for m in ("abs_rel", "rmse"):
+            for k in ("ause", "aurg"):
+                assert got["uncertainty"][rank][m][k] == pytest.approx(ref["uncertainty"][rank][m][k], rel=3e-3,
+                                                                       abs=1e-5), (rank, m, k)
+                assert [f["uncertainty"][rank][m][k] for f in got["per_frame"]] == pytest.approx(
+                    [f["uncertainty"][rank][m][k] for f in ref["per_frame"]], rel=3e-3, abs=1e-5)
+    # scale stability of the frames in stamp order, for the node's scale.mode (depth.yaml: relative)
+    assert got["scale_mode"] == "relative" and "scale stability (scale.mode relative)" in res.stdout
+    assert got["scale_stability"].pop("scale_mode") == "relative"
+    assert got["scale_stability"] == pytest.approx(ref["scale_stability"], rel=1e-5)
+    assert len(got["latencies_ms"]) == 4 and got["latency_ms"]["max"] == pytest.approx(max(got["latencies_ms"]))
     assert got["topics"]["lidar"] == "/lidar/points" and got["extrinsic_source"].startswith("/tf_static")
     lat = got["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["max"]
@@ -101,6 +119,38 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
         assert cv2.imread(str(work / "report" / s)) is not None, s
     # the depth picture is the node's depth: 64 x 192 like the bag's images
     assert cv2.imread(str(work / "report" / srcs[1])).shape == (64, 192, 3)
+
+
+def test_fixed_scale_mode_halves_the_needed_scale_not_its_stability(work, bag_eval):
+    """scale.mode fixed (factor 0.5; the random network's depth is ~4x too far, 2x would leave
+    max_depth): the node's depth is half the relative mode's, so each frame needs twice the
+    scale; CV and frame-to-frame change are scale-free and stay."""
+    ref = json.loads((work / "ref.json").read_text()) if (work / "ref.json").exists() else diffsql_eval(
+        "--data", work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--json", work / "ref.json")
+    res = bag_eval(work / "syn_mcap", "--checkpoint", work / "tiny.pt", "--node-param", "scale.mode:=fixed",
+                   "--node-param", "scale.factor:=0.5", "--json", work / "fixed.json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    got = json.loads((work / "fixed.json").read_text())
+    assert got["scale_mode"] == "fixed" and "uncertainty" not in got
+    assert [f["needed_scale"] for f in got["per_frame"]] == pytest.approx(
+        [f["needed_scale"] * 2 for f in ref["per_frame"]], rel=1e-5)
+    for k in ("ratio_cv", "median_change", "max_change"):
+        assert got["scale_stability"][k] == pytest.approx(ref["scale_stability"][k], rel=1e-4, abs=1e-9)
+
+
+def test_node_scale_mode_from_params_file_and_overrides(tmp_path):
+    from diffsql_ros.bag_eval import node_scale_mode
+    from diffsql_ros.replay import ReplaySettings
+
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text("/**:\n  ros__parameters:\n    scale:\n      mode: camera_height\n")
+    flat.write_text("depth_node:\n  ros__parameters:\n    scale.mode: stereo\n")
+    settings = ReplaySettings(tmp_path / "b", tmp_path / "c.pt", nested)
+    assert node_scale_mode(settings) == "camera_height"
+    assert node_scale_mode(dataclasses.replace(settings, params_file=flat)) == "stereo"
+    assert node_scale_mode(dataclasses.replace(settings, node_params=("scale.mode:=fixed",))) == "fixed"
+    (tmp_path / "none.yaml").write_text("/**:\n  ros__parameters:\n    device: cpu\n")
+    assert node_scale_mode(dataclasses.replace(settings, params_file=tmp_path / "none.yaml")) == "relative"
 
 
 def test_local_dds_environment_is_shared_memory_only_and_restored(monkeypatch):
@@ -240,7 +290,6 @@ def test_extrinsic_from_the_command_line():
 
 
 def test_replay_settings_come_from_the_command_line_and_stay_fixed(work):
-    import dataclasses
 
     from diffsql_ros.bag_eval import default_params_file, parse_args
     from diffsql_ros.replay import ReplaySettings

@@ -281,3 +281,132 @@ def test_truncated_scan_stops_the_run_with_its_name(kitti_raw, tmp_path, capsys)
                      "--predictions", str(tmp_path / "p.npz")]) == 2
     err = capsys.readouterr().err
     assert "0000000005.bin" in err and "truncated" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_net(tmp_path_factory):
+    """A random-init lite network at 64 x 192 and its checkpoint."""
+    import torch
+
+    from diffsql_model.checkpoint import save_checkpoint
+    from diffsql_model.depth_net import DiffSQLDepth
+    from diffsql_model.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("lite", height=64, width=192)
+    model = DiffSQLDepth.from_config(cfg).eval()
+    path = save_checkpoint(tmp_path_factory.mktemp("unc") / "m.pt",
+                           {"model_config": cfg.to_dict(), "model": model.state_dict()})
+    return model, path
+
+
+SEQUENCE = (5, 25, 45, 50, 65)  # drive 0001 in order: improved ground truth for all of them
+IMAGE = "/kitti/camera_color_left/image_raw"
+
+
+def test_uncertainty_and_scale_stability_eigen_benchmark(kitti_shared_root, kitti_depth, tiny_net, tmp_path, capsys):
+    """--uncertainty with --checkpoint: the JSON's AUSE/AURG are the sparsification functions'
+    on the network's own depth and uncertainty (run here by hand), the frames a sequence."""
+    import torch
+
+    from diffsql_model.data.images import load_rgb
+    from diffsql_model.data.network_input import to_tensor_resized
+    from diffsql_model.eval import scale_stability, sparsification
+    from diffsql_model.inference import depth_maps
+
+    model, ckpt = tiny_net
+    split = write_split(tmp_path, SEQUENCE, padded=False)
+    # batch size 1, as the hand run below: batched convolutions differ in the last bits, which
+    # reorders near-ties of a random network's uncertainty
+    rc, res = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
+                  "--checkpoint", ckpt, "--device", "cpu", "--batch-size", "1", "--uncertainty")
+    assert rc == 0 and res["n_frames"] == 5 and res["sequence"] is True
+    printed = capsys.readouterr().out
+    assert "AbsRel AUSE" in printed and "std/depth" in printed and "scale stability" in printed
+    crop = metrics.garg_crop_mask(375, 1242)
+    maps, frames = [], []
+    for f, row in zip(SEQUENCE, res["per_frame"]):
+        rgb = load_rgb(kitti_shared_root / "raw" / DRIVE / "image_02" / "data" / f"{f:010d}.png")
+        out = depth_maps(model, to_tensor_resized(rgb, 64, 192)[None], uncertainty=True)[0].numpy()
+        maps.append(out)
+        gt = ground_truth.read_depth_png(
+            kitti_depth / "train" / DRIVE.split("/")[1] / "proj_depth/groundtruth/image_02" / f"{f:010d}.png")
+        valid = (gt > 1e-3) & (gt < 80) & crop
+        d, u = (metrics.resize_prediction(m, 375, 1242)[valid].astype(np.float64) for m in out)
+        ratio = np.median(gt[valid]) / np.median(d)
+        frame = sparsification.frame_sparsification(gt[valid].astype(np.float64), np.clip(d * ratio, 1e-3, 80), u)
+        frames.append(frame)
+        assert row["needed_scale"] == pytest.approx(row["ratio"]) and row["ratio"] == pytest.approx(ratio, rel=1e-5)
+        for rank in sparsification.RANKINGS:
+            for m in sparsification.METRICS:
+                for k in ("ause", "aurg"):
+                    assert row["uncertainty"][rank][m][k] == pytest.approx(frame[rank][m][k], rel=1e-4, abs=1e-6)
+    mean = sparsification.mean_over_frames(frames)
+    unc = res["uncertainty"]
+    assert unc["n_frames"] == 5 and len(unc["fractions"]) == 50 and "Poggi" in unc["convention"]
+    for rank in sparsification.RANKINGS:
+        for m in sparsification.METRICS:
+            got, ref = unc[rank][m], mean[rank][m]
+            assert got["ause"] == pytest.approx(ref["ause"], rel=1e-4, abs=1e-6) and got["ause"] >= 0
+            assert got["aurg"] == pytest.approx(ref["aurg"], rel=1e-4, abs=1e-6)
+            assert len(got["curve"]) == len(got["oracle"]) == len(got["random"]) == 50
+            assert got["random"][0] == pytest.approx(res["metrics"][m])  # flat at the full-set value
+    st = res["scale_stability"]
+    assert st == pytest.approx(scale_stability.stability([r["ratio"] for r in res["per_frame"]]))
+    # the same maps through --predictions (arrays 'depth' and 'uncertainty') give the same numbers
+    np.savez(tmp_path / "p.npz", depth=np.stack([m[0] for m in maps]), uncertainty=np.stack([m[1] for m in maps]))
+    rc, res2 = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
+                   "--predictions", tmp_path / "p.npz", "--uncertainty")
+    assert rc == 0 and res2["uncertainty"]["std"]["abs_rel"]["aurg"] == pytest.approx(unc["std"]["abs_rel"]["aurg"],
+                                                                                     rel=1e-5)
+    # --uncertainty without the array is a clear error; without the flag the array is not needed
+    np.savez(tmp_path / "d.npz", depth=np.stack([m[0] for m in maps]))
+    rc, _ = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
+                "--predictions", tmp_path / "d.npz", "--uncertainty")
+    assert rc == 2 and "no array 'uncertainty'" in capsys.readouterr().err
+    rc, res3 = run(tmp_path, "--protocol", "eigen_benchmark", "--data", kitti_shared_root, "--split-file", split,
+                   "--predictions", tmp_path / "d.npz")
+    assert rc == 0 and "uncertainty" not in res3 and "uncertainty" not in res3["per_frame"][0]
+
+
+def test_uncertainty_eigen_not_a_sequence(kitti_shared_root, tiny_net, tmp_path):
+    split = write_split(tmp_path, (25, 5))  # frames out of order: no stability
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                  "--checkpoint", tiny_net[1], "--device", "cpu", "--uncertainty")
+    assert rc == 0 and res["sequence"] is False and "scale_stability" not in res
+    for rank in ("std", "std_over_depth"):
+        for m in ("abs_rel", "rmse"):
+            v = res["uncertainty"][rank][m]
+            assert np.isfinite(v["ause"]) and v["ause"] >= 0 and np.isfinite(v["aurg"])
+
+
+def test_uncertainty_bag_protocol_ranked_by_the_true_error(kitti_raw, tmp_path):
+    """Bag of real frames 0-2 and 5: a constant depth map, ranked once by its true AbsRel error
+    (computed here on the devkit map; the bag's map differs on ~15 of ~17k pixels) and once
+    reversed. The bag frames are a sequence: the stability is that of the needed scales."""
+    from diffsql_model.data.bag_writer import kitti_drive_to_bag
+    from diffsql_model.eval import scale_stability
+
+    frames = (0, 1, 2, 5)
+    bag = kitti_drive_to_bag(kitti_raw, "2011_09_26", "0001", tmp_path / "d.bag", frames=list(frames))
+    depth, unc = [], []
+    for f in frames:
+        g = np.zeros((375, 1242), np.float32)
+        g[1:, 1:] = velo_gt(kitti_raw, f, "cam_z")[:-1, :-1]  # the bag's ROS 0-based pixels
+        m = np.median(g[(g > 1e-3) & (g < 80)])
+        depth.append(np.full((375, 1242), 10.0, np.float32))
+        unc.append(np.where(g > 0, np.abs(m - g) / np.maximum(g, 1e-3), 0).astype(np.float32))
+    results = {}
+    for name, sign in (("oracle", 1), ("reversed", -1)):
+        np.savez(tmp_path / f"{name}.npz", depth=np.stack(depth), uncertainty=sign * np.stack(unc))
+        rc, results[name] = run(tmp_path, "--protocol", "bag", "--data", bag, "--image-topic", IMAGE, "--predictions",
+                                tmp_path / f"{name}.npz", "--uncertainty")
+        assert rc == 0 and results[name]["n_frames"] == 4
+    good, bad = results["oracle"]["uncertainty"]["std"]["abs_rel"], results["reversed"]["uncertainty"]["std"]["abs_rel"]
+    full = results["oracle"]["metrics"]["abs_rel"]
+    assert good["ause"] < 0.01 * full and good["aurg"] > 0.3 * full  # ranks (almost) like the oracle
+    assert bad["aurg"] < -0.3 * full and bad["ause"] > good["ause"] + 0.6 * full
+    st = results["oracle"]["scale_stability"]
+    ratios = [r["needed_scale"] for r in results["oracle"]["per_frame"]]
+    assert st == pytest.approx(scale_stability.stability(ratios)) and st["n_frames"] == 4
+    assert ratios == pytest.approx([r["ratio"] for r in results["oracle"]["per_frame"]])

@@ -8,7 +8,14 @@
 --predictions: an .npz whose array `depth` holds one depth map in metres (any resolution) per
 frame, in the order of the split file (make3d: pairs sorted by name, or the names listed in
 --split-file): a stacked N x H x W (or N x 1 x H x W) array, or an object array of maps.
-Make3D predictions are for the 2:1 centre-cropped image.
+Make3D predictions are for the 2:1 centre-cropped image. With --uncertainty, an array
+`uncertainty` of the same layout holds each frame's standard deviation in metres.
+
+--uncertainty: sparsification of each frame's errors by its uncertainty (the model's
+`uncertainty` output, std in metres, and std / depth): AUSE and AURG for AbsRel and RMSE
+(eval/sparsification.py, Poggi et al. CVPR 2020's area convention). Frames that are a sequence
+(bag; one drive of a split in increasing frame order) also get the scale stability of
+median(gt) / median(pred) (eval/scale_stability.py).
 """
 from __future__ import annotations
 
@@ -24,14 +31,14 @@ from diffsql_model.checkpoint import load_model
 from diffsql_model.data.kitti import read_split_file
 from diffsql_model.data.network_input import to_tensor_resized
 from diffsql_model.device import resolve_device
-from diffsql_model.eval import metrics, protocols
-from diffsql_model.inference import predict_depth
+from diffsql_model.eval import metrics, protocols, scale_stability, sparsification
+from diffsql_model.inference import depth_maps, predict_depth
 
 TABLE = {"make3d": metrics.MAKE3D_COLUMNS}
 
 
-def load_predictions(path: str | pathlib.Path) -> list[np.ndarray]:
-    """`depth` array of an .npz -> list of H x W float32 maps (clear errors for anything else)."""
+def load_predictions(path: str | pathlib.Path, name: str = "depth") -> list[np.ndarray]:
+    """Array `name` of an .npz -> list of H x W float32 maps (clear errors for anything else)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
@@ -39,14 +46,14 @@ def load_predictions(path: str | pathlib.Path) -> list[np.ndarray]:
         raise ValueError(f"predictions file {path} is truncated or not an .npz (np.savez) archive")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if "depth" not in npz.files:
-                raise KeyError(f"{path} has no array 'depth' (arrays: {npz.files})")
+            if name not in npz.files:
+                raise KeyError(f"{path} has no array '{name}' (arrays: {npz.files})")
             try:
-                depth = npz["depth"]
+                depth = npz[name]
             except ValueError:
                 # an object array of maps of different sizes: the user's own file, unpickled
                 with np.load(path, allow_pickle=True) as npz_obj:
-                    depth = npz_obj["depth"]
+                    depth = npz_obj[name]
     except KeyError as e:
         raise ValueError(str(e).strip("'\"")) from None
     except Exception as e:  # zipfile / zlib / OS errors of a damaged archive
@@ -56,32 +63,48 @@ def load_predictions(path: str | pathlib.Path) -> list[np.ndarray]:
     elif depth.ndim in (3, 4):
         maps = [np.asarray(d, dtype=np.float32) for d in depth]
     else:
-        raise ValueError(f"{path}: 'depth' must be N x H x W, N x 1 x H x W or an object array, got {depth.shape}")
+        raise ValueError(f"{path}: '{name}' must be N x H x W, N x 1 x H x W or an object array, got {depth.shape}")
     for i, d in enumerate(maps):
         if d.squeeze().ndim != 2:
-            raise ValueError(f"{path}: prediction {i} has shape {d.shape}, expected one H x W map")
+            raise ValueError(f"{path}: {name} map {i} has shape {d.shape}, expected one H x W map")
     return [d.squeeze() if d.ndim > 2 else d for d in maps]
+
+
+def load_prediction_pairs(path: str | pathlib.Path, uncertainty: bool) -> list:
+    """--predictions: depth maps, or (depth, uncertainty) pairs with --uncertainty."""
+    depth = load_predictions(path)
+    if not uncertainty:
+        return depth
+    unc = load_predictions(path, "uncertainty")
+    if len(unc) != len(depth):
+        raise ValueError(f"{path}: {len(unc)} uncertainty maps for {len(depth)} depth maps")
+    return list(zip(depth, unc))
 
 
 class CheckpointNet:
     """A checkpoint's network on `device`: B x 3 x h x w images in [0, 1] at its size
-    (cfg.height x cfg.width) -> B x h x w depth (inference.predict_depth)."""
+    (cfg.height x cfg.width) -> B x h x w depth (inference.predict_depth); with `uncertainty`,
+    B (depth, uncertainty) pairs of h x w maps (inference.depth_maps, the same forward)."""
 
-    def __init__(self, checkpoint, device: str, sd_path=None):
+    def __init__(self, checkpoint, device: str, sd_path=None, uncertainty: bool = False):
         self.device = resolve_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)
+        self.uncertainty = uncertainty
 
-    def __call__(self, images) -> np.ndarray:
-        return predict_depth(self.model, images, device=self.device)
+    def __call__(self, images):
+        if not self.uncertainty:
+            return predict_depth(self.model, images, device=self.device)
+        maps = depth_maps(self.model, images.to(self.device), uncertainty=True).cpu().numpy()  # B x 2 x h x w
+        return [(m[0], m[1]) for m in maps]
 
 
 class ModelPredictions:
     """Lazy, batched predictions of a checkpoint: `[i]` runs the batch holding frame i once.
     Images get the training resize (bilinear, antialiased) to the network size."""
 
-    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None):
+    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None, uncertainty: bool = False):
         self.frames, self.batch_size = frames, max(1, batch_size)
-        self.net = CheckpointNet(checkpoint, device, sd_path)
+        self.net = CheckpointNet(checkpoint, device, sd_path, uncertainty)
         self._cache = {}
 
     def __len__(self):
@@ -99,7 +122,7 @@ class ModelPredictions:
         if images:
             self._cache.update(zip(ok, self.net(torch.stack(images))))
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int):
         if i not in self._cache:
             self._run(i - i % self.batch_size)
         value = self._cache[i]
@@ -109,8 +132,10 @@ class ModelPredictions:
 
 
 def build_frames(args) -> tuple[list[protocols.Frame], dict]:
-    """The protocol's frames and the details reported with the result."""
-    details = {"data": str(args.data), "split_file": str(args.split_file) if args.split_file else None}
+    """The protocol's frames and the details reported with the result (`sequence`: the frames
+    are one drive in temporal order)."""
+    details = {"data": str(args.data), "split_file": str(args.split_file) if args.split_file else None,
+               "sequence": False}
     if args.protocol == "make3d":
         names = None
         if args.split_file:
@@ -120,7 +145,8 @@ def build_frames(args) -> tuple[list[protocols.Frame], dict]:
         raise ValueError(f"--split-file is required for --protocol {args.protocol}")
     lines = read_split_file(args.split_file)
     raw, depth = protocols.resolve_kitti_data(args.data)
-    details.update(raw_root=str(raw) if raw else None, depth_root=str(depth) if depth else None)
+    details.update(raw_root=str(raw) if raw else None, depth_root=str(depth) if depth else None,
+                   sequence=protocols.is_sequence(lines))
     if args.protocol == "eigen":
         return protocols.eigen_frames(lines, raw, args.gt_depth), details
     return protocols.eigen_benchmark_frames(lines, depth, raw), details
@@ -149,6 +175,9 @@ def parse_args(argv=None):
     ap.add_argument("--sd-path", type=pathlib.Path,
                     help="local SD folder, for checkpoints without the frozen SD weights (default: as trained)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--uncertainty", action="store_true",
+                    help="also score the uncertainty by sparsification (AUSE, AURG); with --predictions "
+                    "the .npz needs an array 'uncertainty'")
     return ap.parse_args(argv)
 
 
@@ -158,14 +187,16 @@ def evaluate(args) -> dict:
     if args.protocol == "bag":
         return _evaluate_bag(args, cfg)
     frames, details = build_frames(args)
+    unc = getattr(args, "uncertainty", False)
     if args.predictions:
-        preds = load_predictions(args.predictions)
+        preds = load_prediction_pairs(args.predictions, unc)
         if len(preds) != len(frames):
             raise ValueError(f"{args.predictions} holds {len(preds)} depth maps but the protocol lists "
                              f"{len(frames)} frames: one map per split-file line, in order")
         details["predictions"] = str(args.predictions)
     else:
-        preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size, getattr(args, "sd_path", None))
+        preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size,
+                                 getattr(args, "sd_path", None), unc)
         details["checkpoint"] = str(args.checkpoint)
     return protocols.run_evaluation(frames, preds, cfg, **details)
 
@@ -181,10 +212,11 @@ def _evaluate_bag(args, cfg) -> dict:
 
     with open_bag(args.data) as reader:
         lidar_topic = pick_topic(reader, args.lidar_topic, (CLOUD_TYPE,), "PointCloud2", args.data)
+    unc = getattr(args, "uncertainty", False)
     if args.predictions:
-        preds, size = load_predictions(args.predictions), (192, 640)
+        preds, size = load_prediction_pairs(args.predictions, unc), (192, 640)
     else:
-        net = CheckpointNet(args.checkpoint, args.device, getattr(args, "sd_path", None))
+        net = CheckpointNet(args.checkpoint, args.device, getattr(args, "sd_path", None), unc)
         size = (net.cfg.height, net.cfg.width)
     ds = BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
                     lidar_topic=lidar_topic, T_lidar_to_cam=parse_extrinsic(getattr(args, "extrinsic", None)),
@@ -199,7 +231,7 @@ def _evaluate_bag(args, cfg) -> dict:
             depth = s["depth_gt"][0].numpy() if s["has_depth_gt"] else None
             yield image, depth, f"{s['stamp'] / 1e9:.6f}"
 
-    def predict(image):  # a sample index with --predictions, else the network-sized image
+    def predict(image):  # a sample index with --predictions, else the network-sized image (-> map or pair)
         return preds[image] if args.predictions else net(image[None])[0]
 
     result = protocols.evaluate_bag_samples(samples(), predict, cfg, gt_depth="lidar_cam_z")
@@ -224,6 +256,10 @@ def report(result: dict) -> str:
         lines.append(f"fixed scale {sc['scale']}")
     if result["metrics"]:
         lines.append(metrics.format_table(result["metrics"], TABLE.get(result["protocol"], metrics.KITTI_COLUMNS)))
+    if result.get("uncertainty"):
+        lines.append(sparsification.format_table(result["uncertainty"]))
+    if result.get("scale_stability"):
+        lines.append(scale_stability.format_line(result["scale_stability"], "frames in order"))
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from diffsql_model.data import make3d as m3d
 from diffsql_model.data.calib import load_kitti_calib
 from diffsql_model.data.images import load_rgb
 from diffsql_model.data.kitti import SplitLine, benchmark_gt_path
-from diffsql_model.eval import metrics
+from diffsql_model.eval import metrics, scale_stability, sparsification
 from diffsql_model.yaml_config import ConfigError, YamlConfig
 
 PROTOCOLS = ("eigen", "eigen_benchmark", "make3d", "bag")
@@ -151,13 +151,17 @@ def make3d_frames(folder: str | pathlib.Path, names: Sequence[str] | None = None
 
 class Accumulator:
     """Per-frame metrics, scale ratios and the list of frames that could not be evaluated
-    (also what the bag evaluator node scores its frames with, one at a time)."""
+    (also what the bag evaluator node scores its frames with, one at a time). Frames given an
+    uncertainty map are also scored by sparsification; `sequence` (frames added in temporal
+    order, one drive) adds the scale stability of their needed scales to the result."""
 
-    def __init__(self, cfg: EvalConfig):
+    def __init__(self, cfg: EvalConfig, sequence: bool = False):
         self.cfg, self.per_frame, self.ratios, self.missing = cfg, [], [], []
         self.n_listed = 0
+        self.sequence = sequence
+        self.sparse_frames = []  # per frame with uncertainty: sparsification.frame_sparsification
 
-    def add(self, key: str, gt: np.ndarray, pred: np.ndarray) -> None:
+    def add(self, key: str, gt: np.ndarray, pred: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
         cfg = self.cfg
         gt = np.asarray(gt, dtype=np.float32)
         pred = metrics.resize_prediction(pred, *gt.shape)
@@ -170,10 +174,24 @@ class Accumulator:
         try:
             values, ratio = metrics.evaluate_frame(gt, pred, valid, scaling=cfg.scaling, scale=cfg.scale,
                                              clip=(cfg.clip_min, cfg.clip_max))
+            # the scale this frame needs, whatever the scaling mode: the stability metric's input
+            needed = ratio if cfg.scaling == "median" else metrics.median_scale(gt[valid], pred[valid])
+            entry = {"frame": key, "n_valid": int(valid.sum()), "ratio": ratio, "needed_scale": needed, **values}
+            if uncertainty is not None:
+                entry["uncertainty"] = self._sparsify(gt[valid], pred[valid], ratio, uncertainty, valid)
         except ValueError as e:
             raise ValueError(f"frame {key}: {e}") from None
-        self.per_frame.append({"frame": key, "n_valid": int(valid.sum()), "ratio": ratio, **values})
+        self.per_frame.append(entry)
         self.ratios.append(ratio)
+
+    def _sparsify(self, g: np.ndarray, raw: np.ndarray, ratio: float, uncertainty: np.ndarray, valid) -> dict:
+        """Sparsification of the scaled, clipped prediction ranked by the uncertainty (resized to
+        the ground truth like the depth) on the frame's valid pixels."""
+        u = metrics.resize_prediction(uncertainty, *valid.shape)[valid]
+        p = np.clip(raw.astype(np.float64) * ratio, self.cfg.clip_min, self.cfg.clip_max)
+        frame = sparsification.frame_sparsification(g.astype(np.float64), p, u)
+        self.sparse_frames.append(frame)
+        return sparsification.frame_summary(frame)
 
     def result(self, **details) -> dict:
         cfg = self.cfg
@@ -188,18 +206,37 @@ class Accumulator:
             "scaling": ({"mode": "median", **metrics.ratio_stats(self.ratios)} if cfg.scaling == "median"
                         else {"mode": "fixed", "scale": cfg.scale}) if self.per_frame else {"mode": cfg.scaling},
             "settings": cfg.to_dict(),
+            "sequence": self.sequence,
             **details,
-            "per_frame": self.per_frame,
         }
+        if self.sparse_frames:
+            out["uncertainty"] = sparsification.mean_over_frames(self.sparse_frames)
+        if self.sequence and self.per_frame:
+            out["scale_stability"] = scale_stability.from_per_frame(self.per_frame)
+        out["per_frame"] = self.per_frame
         return out
 
 
-def run_evaluation(frames: Sequence[Frame], predictions: Sequence[np.ndarray], cfg: EvalConfig, /,
-                   progress: Callable[[Iterable], Iterable] = iter, **details) -> dict:
-    """Evaluate `predictions[i]` against `frames[i]`; missing ground truth or images are listed."""
+def split_prediction(pred) -> tuple[np.ndarray, np.ndarray | None]:
+    """A prediction is a depth map, or a (depth, uncertainty) pair when uncertainty is scored."""
+    return (pred[0], pred[1]) if isinstance(pred, tuple) else (pred, None)
+
+
+def is_sequence(lines: Sequence[SplitLine]) -> bool:
+    """Split lines that are one drive and camera in increasing frame order (e.g. the demo's
+    held-out synthetic drive): their frames are a sequence for the scale-stability metric."""
+    return len({(ln.folder, ln.cam) for ln in lines}) == 1 and all(
+        a.frame < b.frame for a, b in zip(lines, lines[1:]))
+
+
+def run_evaluation(frames: Sequence[Frame], predictions: Sequence, cfg: EvalConfig, /,
+                   progress: Callable[[Iterable], Iterable] = iter, sequence: bool = False, **details) -> dict:
+    """Evaluate `predictions[i]` (a depth map, or a (depth, uncertainty) pair) against
+    `frames[i]`; missing ground truth or images are listed. `sequence`: the frames are one drive
+    in temporal order (scale stability is reported)."""
     if len(predictions) != len(frames):
         raise ValueError(f"{len(predictions)} predictions for {len(frames)} frames: they must match one to one")
-    acc = Accumulator(cfg)
+    acc = Accumulator(cfg, sequence=sequence)
     acc.n_listed = len(frames)
     for i in progress(range(len(frames))):
         frame = frames[i]
@@ -213,7 +250,7 @@ def run_evaluation(frames: Sequence[Frame], predictions: Sequence[np.ndarray], c
         except FileNotFoundError as e:  # --checkpoint: the image of this frame is absent
             acc.missing.append({"frame": frame.key, "reason": str(e)})
             continue
-        acc.add(frame.key, gt, pred)
+        acc.add(frame.key, gt, *split_prediction(pred))
     return acc.result(**details)
 
 
@@ -221,10 +258,11 @@ def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[object]
                          cfg: EvalConfig | None = None, gt_depth: str = "lidar") -> dict:
     """Bag protocol. samples: `(image, lidar_depth HxW metres, 0 = no return)` or
     `(image, lidar_depth, name)`; lidar_depth None marks a frame without a scan (listed as
-    missing). predict_fn(image) -> depth map (any resolution, resized to the LiDAR map); the
-    image is passed through untouched. gt_depth: the depth definition reported."""
+    missing). predict_fn(image) -> depth map (any resolution, resized to the LiDAR map) or a
+    (depth, uncertainty) pair; the image is passed through untouched. gt_depth: the depth
+    definition reported. The samples are a bag's frames in order: scale stability is reported."""
     cfg = cfg or EvalConfig.for_protocol("bag")
-    acc = Accumulator(cfg)
+    acc = Accumulator(cfg, sequence=True)
     for i, sample in enumerate(samples):
         image, depth = sample[0], sample[1]
         key = str(sample[2]) if len(sample) > 2 else f"sample {i}"
@@ -232,5 +270,5 @@ def evaluate_bag_samples(samples: Iterable[tuple], predict_fn: Callable[[object]
         if depth is None:
             acc.missing.append({"frame": key, "reason": "no LiDAR scan paired with this image"})
             continue
-        acc.add(key, depth, predict_fn(image))
+        acc.add(key, depth, *split_prediction(predict_fn(image)))
     return acc.result(gt_depth=gt_depth)
