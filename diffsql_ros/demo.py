@@ -7,10 +7,12 @@
    ../shared/data/kitti;
 2. trains the `lite` preset on the synthetic drives (config/train/synthetic_lite.yaml, its
    time budget; a finished run in OUT/train is reused, an interrupted one resumed);
-3. evaluates on the held-out synthetic drive (exact depth, median scaling) and prints the table;
-4. replays the synthetic test bag and the KITTI bag through the real depth node (`diffsql-bag-eval`);
+3. evaluates on the held-out synthetic drive (exact depth, median scaling, --uncertainty) and
+   prints the table;
+4. replays the synthetic test bag and the KITTI bag through the real depth node (`diffsql-bag-eval
+   --uncertainty`), and the synthetic bag once more with scale.mode camera_height;
 5. writes OUT/report.html: sample frames (input | depth | uncertainty | point cloud), metrics,
-   latency, and what the numbers mean.
+   uncertainty (sparsification) and scale stability, latency, plots, and what the numbers mean.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from diffsql_model.data.kitti import read_split_file
 from diffsql_model.data.sample_cli import make_sample
 from diffsql_model.eval import cli as eval_cli
 from diffsql_model.eval import metrics, protocols
-from diffsql_ros import report
+from diffsql_ros import plots, report
 from diffsql_ros.bag_eval import format_summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,17 +107,21 @@ def evaluate_synthetic(checkpoint: pathlib.Path, sample: dict, out: pathlib.Path
     raw, depth = protocols.resolve_kitti_data(syn["root"])
     frames = protocols.eigen_benchmark_frames(lines, depth, raw)
     cfg = protocols.EvalConfig.for_protocol("eigen_benchmark", garg_crop=False)
-    preds = eval_cli.ModelPredictions(frames, checkpoint, "cpu", 4)
-    result = protocols.run_evaluation(frames, preds, cfg, checkpoint=str(checkpoint), split_file=syn["test_split"])
+    preds = eval_cli.ModelPredictions(frames, checkpoint, "cpu", 4, uncertainty=True)
+    result = protocols.run_evaluation(frames, preds, cfg, sequence=protocols.is_sequence(lines),
+                                      checkpoint=str(checkpoint), split_file=syn["test_split"])
     print(eval_cli.report(result))
     metrics.write_json(result, out / "eval_synthetic.json")
     return result
 
 
-def replay(bag: str, checkpoint: pathlib.Path, out_dir: pathlib.Path, label: str) -> dict:
+def replay(bag: str, checkpoint: pathlib.Path, out_dir: pathlib.Path, label: str, frames: int = 2,
+           node_params=()) -> dict:
     json_path = out_dir / "bag_eval.json"
     cmd = [sys.executable, "-m", "diffsql_ros.bag_eval", bag, "--checkpoint", str(checkpoint), "--max-rate",
-           "--json", str(json_path), "--report", str(out_dir), "--report-frames", "2", "--progress", label]
+           "--uncertainty", "--json", str(json_path), "--report", str(out_dir), "--report-frames", str(frames),
+           "--progress", label]
+    cmd += [f"--node-param={p}" for p in node_params]
     print(" ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=child_env(), cwd=str(ROOT))
     if rc not in (0, 1) or not json_path.is_file():
@@ -139,6 +145,7 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
     ], "depth metrics (lower is better for the first four, higher for the δ columns)")
     latency = report.latency_table([("synthetic test bag", syn_r), ("KITTI bag", kit_r)],
                               "replay with --max-rate: the next image is published when the previous depth arrived")
+    trust = uncertainty_section(offline, replays)
     curve = train_info.get("curve") or {}
     if abs_rel <= TARGET_ABS_REL:
         verdict = f"The held-out synthetic drive reaches AbsRel {abs_rel:.3f}: the target of {TARGET_ABS_REL} is met."
@@ -169,10 +176,13 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
             "the truth. Monocular models know depth only up to scale, so each prediction is scaled by "
             "median(truth) / median(prediction) before scoring (the standard protocol).",
             "Note: " + kitti_note + "."], tables=[metrics_table]),
+        trust,
         report.Section("Latency", paragraphs=[
             "Time from publishing an image to receiving its depth image in another process, on this "
-            "machine's CPU, with depth the only subscribed output (the sample frames above were replayed "
-            "again afterwards with uncertainty and points subscribed)."], tables=[latency]),
+            "machine's CPU, with depth and its uncertainty the subscribed outputs (the sample frames above "
+            "were replayed again afterwards with points subscribed too)."], tables=[latency],
+            figures=[report.Figure("Latency per frame of the two replays (main pass).", plots.latency_histogram(
+                {"synthetic test bag": syn_r.get("latencies_ms", []), "KITTI bag": kit_r.get("latencies_ms", [])}))]),
         report.Section("Run", tables=[report.Table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])],
                   paragraphs=[f"checkpoint: {train_info.get('checkpoint')}"
                               + (" (reused)" if train_info.get("reused") else ""),
@@ -180,14 +190,51 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
                               "test frames".format(**sample["synthetic"]["frames"])]),
     ]
     if curve.get("points"):
-        sections.insert(3, report.Section("Training", paragraphs=["Validation AbsRel (8 frames of a separate synthetic drive) "
+        best = min(curve["points"], key=lambda p: p[1])[0] if str(train_info.get("checkpoint")).endswith("best.pt") else None
+        sections.insert(4, report.Section("Training", paragraphs=["Validation AbsRel (8 frames of a separate synthetic drive) "
                                           "while training; the checkpoint used is the best of these."],
                   tables=[report.Table(["step", "training s", "val AbsRel"],
                                   [[st, f"{st * curve.get('seconds_per_step', 0):.0f}", f"{v:.3f}"]
-                                   for st, v in curve.get("points", [])])]))
+                                   for st, v in curve.get("points", [])])],
+                  figures=[report.Figure("Learning curve: validation AbsRel against the training step.",
+                                         plots.learning_curve(curve["points"], TARGET_ABS_REL, best))]))
     return report.write_report(out / "report.html", "DiffSQL demo", sections,
                           intro="A lite DiffSQL model trained on this CPU on synthetic drives, evaluated offline and "
                                 "through the ROS 2 depth node on a synthetic and a real KITTI bag.")
+
+
+def uncertainty_section(offline: dict, replays: dict) -> report.Section:
+    """Sparsification and scale stability of the offline evaluation and the replays, with plots."""
+    runs = [("synthetic held-out drive (offline)", offline, "relative (model units)"),
+            ("synthetic test bag via depth node", replays["synthetic"], replays["synthetic"].get("scale_mode")),
+            ("synthetic test bag via depth node", replays.get("camera_height") or {}, "camera_height"),
+            ("KITTI bag via depth node", replays["kitti"], replays["kitti"].get("scale_mode"))]
+    unc_rows = [(name, r.get("uncertainty")) for name, r, _ in runs[:2] + runs[3:]]
+    figures = []
+    if offline.get("uncertainty"):
+        figures.append(report.Figure(
+            "Sparsification on the held-out synthetic drive: AbsRel of the pixels kept as the most uncertain are "
+            "removed. The closer to the oracle the better; above the random line is worse than no uncertainty.",
+            plots.sparsification_curves(offline["uncertainty"], "abs_rel")))
+    ratios = {f"{name.split(' via')[0].split(' (')[0]}, {mode}": [f["needed_scale"] for f in r.get("per_frame", [])]
+              for name, r, mode in runs[:3] if r.get("scale_stability")}
+    if ratios:
+        figures.append(report.Figure(
+            "Scale each synthetic frame needs, median(gt) / median(pred), in frame order, divided by the run's "
+            "median: a flat line is a scale that holds still.", plots.scale_ratios(ratios)))
+    return report.Section("Uncertainty and scale stability", paragraphs=[
+        "Uncertainty is useful when it points at the errors. Sparsification removes the most uncertain pixels "
+        "and follows the error of the rest (Poggi et al., CVPR 2020): AUSE is the area between that curve and "
+        "the oracle's (removing by the true error), lower is better; AURG the area it gains over random "
+        "removal, higher is better, negative when the ranking is worse than none.",
+        "Scale stability: the scale a frame needs, median(gt) / median(pred), over the sequence. CV is its "
+        "spread over all frames, the median change its typical jump from one frame to the next: what a SLAM "
+        "system fusing the depth stream sees. relative, fixed and stereo modes share these numbers (a constant "
+        "factor); camera_height fits the ground in every frame."],
+        tables=[report.uncertainty_table(unc_rows, "sparsification (mean over frames)"),
+                report.stability_table([(n, m, r.get("scale_stability")) for n, r, m in runs],
+                                       "scale stability (frames in order)")],
+        figures=figures)
 
 
 def main(argv=None) -> int:
@@ -212,7 +259,8 @@ def main(argv=None) -> int:
         if args.checkpoint:
             if not args.checkpoint.is_file():
                 raise FileNotFoundError(f"CHECKPOINT {args.checkpoint} not found")
-            ckpt, train_info = args.checkpoint.resolve(), {"checkpoint": str(args.checkpoint), "given": True}
+            ckpt = args.checkpoint.resolve()
+            train_info = {"checkpoint": str(args.checkpoint), "given": True, "curve": learning_curve(ckpt.parent)}
             print(f"using the given checkpoint {ckpt}")
         else:
             ckpt, train_info = train(out, sample["synthetic"]["data"], args.train_config)
@@ -224,7 +272,9 @@ def main(argv=None) -> int:
 
         t = step("4/5 replaying the bags through the depth node")
         replays = {"synthetic": replay(sample["synthetic"]["test_bag"], ckpt, out / "replay_synthetic", "synthetic bag"),
-                   "kitti": replay(sample["kitti"]["bag"], ckpt, out / "replay_kitti", "KITTI bag")}
+                   "kitti": replay(sample["kitti"]["bag"], ckpt, out / "replay_kitti", "KITTI bag"),
+                   "camera_height": replay(sample["synthetic"]["test_bag"], ckpt, out / "replay_camera_height",
+                                           "synthetic bag, camera_height", 0, ["scale.mode:=camera_height"])}
         timings["bag replays"] = time.monotonic() - t
 
         t = step("5/5 report")

@@ -1,12 +1,14 @@
-"""HTML evaluation report: pictures (input | depth | uncertainty | point cloud) and tables.
+"""HTML evaluation report: pictures (input | depth | uncertainty | point cloud), tables and plots.
 
 Pictures are PNG files written next to the page with OpenCV and referenced by relative paths,
-so the page opens offline and the images can be reused. Point clouds are rendered here with a
+so the page opens offline and the images can be reused. Plots (plots.py) are small PNGs
+embedded in the page itself as data URIs: they belong to that page's numbers. Point clouds are rendered here with a
 small numpy z-buffer splatter from a raised, pitched-down virtual camera: no GL on a headless
 CPU box, and a few thousand points render in milliseconds.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import math
@@ -18,6 +20,7 @@ import numpy as np
 
 from diffsql_model.camera import project_points
 from diffsql_model.colormaps import apply_colormap, depth_picture_bgr, range_index, uncertainty_picture_bgr
+from diffsql_model.eval.sparsification import RANKINGS
 
 METRIC_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 METRIC_LABELS = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE", "rmse_log": "RMSElog",
@@ -38,11 +41,18 @@ class FrameRow:
 
 
 @dataclasses.dataclass
+class Figure:
+    caption: str
+    png: bytes  # embedded in the page (plots.py makes them)
+
+
+@dataclasses.dataclass
 class Section:
     title: str
     paragraphs: list = dataclasses.field(default_factory=list)
     tables: list = dataclasses.field(default_factory=list)
     frames: list = dataclasses.field(default_factory=list)
+    figures: list = dataclasses.field(default_factory=list)  # [Figure]
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -162,13 +172,38 @@ def latency_table(rows: Sequence[tuple], caption: str = "") -> Table:
     return Table(header, body, caption)
 
 
+def uncertainty_table(rows: Sequence[tuple], caption: str = "") -> Table:
+    """rows: [(name, sparsification.mean_over_frames result or None)] -> AUSE / AURG per ranking."""
+    header = ["run", "ranked by", "AbsRel AUSE", "AbsRel AURG", "RMSE AUSE", "RMSE AURG", "frames"]
+    body = []
+    for name, unc in rows:
+        for rank in RANKINGS:
+            r = (unc or {}).get(rank) or {}
+            body.append([name, rank.replace("_over_", "/")]
+                        + [fmt((r.get(m) or {}).get(k)) for m in ("abs_rel", "rmse") for k in ("ause", "aurg")]
+                        + [fmt((unc or {}).get("n_frames"))])
+    return Table(header, body, caption)
+
+
+def stability_table(rows: Sequence[tuple], caption: str = "") -> Table:
+    """rows: [(name, scale.mode, scale_stability.stability result or None)] -> ratio spread, %."""
+    header = ["run", "scale.mode", "frames", "ratio median", "ratio CV %", "median change %", "max change %"]
+    body = []
+    for name, mode, st in rows:
+        st = st or {}
+        pct = [None if st.get(k) is None else 100 * st[k] for k in ("ratio_cv", "median_change", "max_change")]
+        body.append([name, mode, fmt(st.get("n_frames")), fmt(st.get("ratio_median"))] + [fmt(v, 2) for v in pct])
+    return Table(header, body, caption)
+
+
 # ----------------------------------------------------------------------------- page
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}
 td:first-child,th:first-child,td:last-child{text-align:left}caption{text-align:left;font-style:italic}
 .frames td{text-align:center;vertical-align:top;border:none}.frames img{width:320px}
-.note{background:#fff6d5;padding:.5em;border-left:4px solid #e0a800}"""
+.note{background:#fff6d5;padding:.5em;border-left:4px solid #e0a800}
+figure{display:inline-block;margin:.4em 1em .4em 0;vertical-align:top}figcaption{font-size:90%;max-width:560px}"""
 
 
 def _table_html(t: Table) -> str:
@@ -193,6 +228,15 @@ def _frames_html(frames: list) -> str:
     return "\n".join(parts)
 
 
+def _figures_html(figures: list) -> str:
+    parts = []
+    for f in figures:
+        src = "data:image/png;base64," + base64.b64encode(f.png).decode("ascii")
+        parts.append(f'<figure><img src="{src}" alt="{html.escape(f.caption, quote=True)}">'
+                     f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
+    return "\n".join(parts)
+
+
 def write_report(path: str | pathlib.Path, title: str, sections: Sequence[Section], intro: str = "") -> pathlib.Path:
     """Write one self-contained HTML page (pictures by relative path) and return its path."""
     path = pathlib.Path(path)
@@ -206,6 +250,8 @@ def write_report(path: str | pathlib.Path, title: str, sections: Sequence[Sectio
             cls = ' class="note"' if p.startswith("Note:") else ""
             body.append(f"<p{cls}>{html.escape(p)}</p>")
         body.extend(_table_html(t) for t in s.tables)
+        if s.figures:
+            body.append(_figures_html(s.figures))
         if s.frames:
             body.append(_frames_html(s.frames))
     page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"

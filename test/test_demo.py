@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,6 +25,17 @@ class _Page(html.parser.HTMLParser):
 
     def handle_data(self, data):
         self.text.append(data)
+
+
+def _png_of(src):
+    import base64
+
+    import cv2
+    import numpy as np
+
+    data = base64.b64decode(src.split(",", 1)[1])
+    assert src.startswith("data:image/png;base64,") and data[:8] == b"\x89PNG\r\n\x1a\n"
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
 def _demo(out, shared, env):
@@ -74,9 +86,16 @@ def test_demo_end_to_end_and_rerun(tmp_path, shared_dir):
     assert (kitti["frames_played"], kitti["frames_evaluated"], kitti["frames_without_lidar"]) == (12, 10, 2)
     page = _Page()
     page.feed((out / "report.html").read_text())
-    assert len(page.images) == 16  # 2 frames per bag x (input, depth, uncertainty, point cloud)
-    for src in page.images:
+    files = [s for s in page.images if not s.startswith("data:")]
+    assert len(files) == 16  # 2 frames per bag x (input, depth, uncertainty, point cloud)
+    for src in files:
         assert (out / src).is_file(), src
+    plots = [_png_of(s) for s in page.images if s.startswith("data:")]
+    assert len(plots) == 4 and all(p.shape == (320, 560, 3) for p in plots)  # learning, sparsification, scale, latency
+    for r in (offline, syn, kitti):
+        assert set(r["uncertainty"]) >= {"std", "std_over_depth"} and r["scale_stability"]["n_frames"] >= 10
+    ch = json.loads((out / "replay_camera_height" / "bag_eval.json").read_text())
+    assert ch["scale_mode"] == "camera_height" and ch["scale_stability"]["n_frames"] == 20
     text = " ".join(page.text)
     assert f"{offline['metrics']['abs_rel']:.3f}" in text
     assert "never saw a real image" in text  # the domain-gap note next to the KITTI rows
@@ -117,3 +136,48 @@ def test_sample_builder_small(tmp_path, shared_dir):
     assert time.monotonic() - t < 2 and logs[-1].startswith("sample: reusing")
     assert main(["--out", str(tmp_path / "x"), "--shared", str(tmp_path / "nowhere"), "--train-frames", "3",
                  "--train-drives", "1", "--test-frames", "2", "--width", "64", "--height", "32"]) == 2
+
+
+def _replay_summary(result: dict, scale_mode: str, latencies: list) -> dict:
+    """The parts of a diffsql-bag-eval summary the demo report reads, around a real protocol result."""
+    return {"metrics": result["metrics"], "frames_evaluated": result["n_frames"], "frames_played": result["n_frames"],
+            "frames_dropped": 0, "frames_without_lidar": 0, "latencies_ms": latencies,
+            "latency_ms": {"p50": float(np.median(latencies))}, "throughput_fps": 5.0, "pictures": [],
+            "scale_mode": scale_mode, "scale_stability": result["scale_stability"], "per_frame": result["per_frame"],
+            "uncertainty": result.get("uncertainty")}
+
+
+def test_demo_report_has_the_four_plots_and_the_trust_tables(tmp_path):
+    """write_demo_report on real protocol results of a small sequence (depth maps whose error the
+    uncertainty knows): the learning curve, sparsification, scale-ratio and latency plots are in the
+    page as PNGs, and the AUSE / stability numbers in its tables."""
+    from diffsql_model.eval import protocols
+    from diffsql_ros.demo import write_demo_report
+
+    rng = np.random.default_rng(0)
+    gts = [rng.uniform(5, 60, (24, 32)).astype(np.float32) for _ in range(6)]
+    noise = [rng.lognormal(0, 0.2, (24, 32)).astype(np.float32) for _ in range(6)]
+    samples = [(i, g) for i, g in enumerate(gts)]
+
+    def predict(i):  # scale drifting 2 % a frame; uncertainty = the true error, plus noise
+        depth = gts[i] * noise[i] * (1 + 0.02 * i)
+        return depth, np.abs(depth - gts[i] * (1 + 0.02 * i)) + rng.uniform(0, 1, depth.shape).astype(np.float32)
+
+    offline = protocols.evaluate_bag_samples(samples, predict)
+    replays = {"synthetic": _replay_summary(offline, "relative", [110.0, 120.0, 150.0, 115.0]),
+               "kitti": _replay_summary(offline, "relative", [300.0, 310.0, 290.0]),
+               "camera_height": _replay_summary(offline, "camera_height", [120.0])}
+    train_info = {"checkpoint": "run/best.pt", "curve": {"points": [(50, 0.3), (100, 0.2), (150, 0.21)],
+                                                         "seconds_per_step": 0.4, "train_seconds": 60}}
+    sample = {"synthetic": {"frames": {"train": 8, "val": 2, "test": 6}}}
+    page = write_demo_report(tmp_path, sample, train_info, offline, replays, {"total": 1.0})
+    parsed = _Page()
+    parsed.feed(page.read_text())
+    pngs = [_png_of(s) for s in parsed.images]
+    assert len(pngs) == 4 and all(p.shape == (320, 560, 3) for p in pngs)
+    text = " ".join(parsed.text)
+    unc = offline["uncertainty"]["std"]["abs_rel"]
+    assert f"{unc['ause']:.3f}" in text and f"{unc['aurg']:.3f}" in text
+    cv = offline["scale_stability"]["ratio_cv"]
+    assert 0.02 < cv < 0.1 and f"{100 * cv:.2f}" in text and "camera_height" in text
+    assert unc["aurg"] > 0.05  # the uncertainty knows the error: far better than random removal

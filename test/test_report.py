@@ -121,3 +121,51 @@ def test_backproject_inverts_the_pinhole_projection():
     v = K[1, 1] * xyz[:, 1] / xyz[:, 2] + K[1, 2]
     np.testing.assert_allclose(u, pix[:, 1], atol=1e-4)  # integer pixel centres, as the node's cloud
     np.testing.assert_allclose(v, pix[:, 0], atol=1e-4)
+
+
+def _decode_data_uri(src):
+    import base64
+
+    assert src.startswith("data:image/png;base64,"), src[:40]
+    data = base64.b64decode(src.split(",", 1)[1])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_plots_are_embedded_pngs_of_sensible_size(tmp_path):
+    from diffsql_model.eval import sparsification
+    from diffsql_ros import plots
+
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(5, 60, 5000)
+    pred = gt * rng.lognormal(0, 0.2, gt.size)
+    frame = sparsification.frame_sparsification(gt, pred, np.abs(pred - gt) + rng.uniform(0, 5, gt.size))
+    figs = [report.Figure("learning", plots.learning_curve([(50, 0.3), (100, 0.2), (150, 0.18)], 0.15, 150)),
+            report.Figure("sparsification", plots.sparsification_curves(sparsification.mean_over_frames([frame]))),
+            report.Figure("scale", plots.scale_ratios({"a": [1.0, 1.1, 0.9], "b": [3.0, 3.1, 3.0]})),
+            report.Figure("latency", plots.latency_histogram({"bag": [100, 120, 130, 110], "other": []}))]
+    page = report.write_report(tmp_path / "r.html", "plots", [report.Section("Plots", figures=figs)])
+    parser = _Collect()
+    parser.feed(page.read_text())
+    assert len(parser.images) == 4 and not list(tmp_path.glob("*.png"))  # in the page, no files
+    for src in parser.images:
+        img = _decode_data_uri(src)
+        assert img.shape == (320, 560, 3)
+        assert (img < 250).any(axis=2).mean() > 0.02  # something is drawn on the white canvas
+    import pytest
+
+    with pytest.raises(ValueError, match="latencies"):
+        plots.latency_histogram({"bag": []})
+    with pytest.raises(ValueError, match="at least one"):
+        plots.learning_curve([])
+
+
+def test_uncertainty_and_stability_tables():
+    unc = {"n_frames": 3, "std": {"abs_rel": {"ause": 0.135, "aurg": -0.047}, "rmse": {"ause": 2.5, "aurg": 0.25}},
+           "std_over_depth": {"abs_rel": {"ause": 0.094, "aurg": -0.005}, "rmse": {"ause": 1.5, "aurg": 1.25}}}
+    t = report.uncertainty_table([("run", unc), ("none", None)])
+    assert t.rows[0] == ["run", "std", "0.135", "-0.047", "2.500", "0.250", "3"]
+    assert t.rows[1][1] == "std/depth" and t.rows[2][2:] == ["–"] * 5
+    st = {"n_frames": 20, "ratio_median": 1.02, "ratio_cv": 0.031, "median_change": 0.0049, "max_change": None}
+    row = report.stability_table([("bag", "camera_height", st)]).rows[0]
+    assert row == ["bag", "camera_height", "20", "1.020", "3.10", "0.49", "–"]
