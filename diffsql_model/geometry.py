@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from kornia.geometry import create_meshgrid
+try:
+    from kornia.geometry import create_meshgrid
+except ImportError:  # kornia < 0.8.3: 0.8.2 is the last for Python 3.10 (Humble)
+    from kornia.utils import create_meshgrid
 
 _EPS = 1e-7
 
