@@ -209,7 +209,11 @@ def write_bag_report(summary: dict, out_dir: pathlib.Path) -> pathlib.Path:
         tables=[report.metrics_table([(name, {**(summary['metrics'] or {}), 'count': summary['frames_evaluated']},
                                        "median scaling" if summary["scaling"]["mode"] == "median"
                                        else "fixed scale")]),
-                report.latency_table([(name, summary)], "latency: image published -> depth received")],
+                report.latency_table([(name, summary)], "latency: image published -> depth received")]
+        + ([report.uncertainty_table([(name, summary["uncertainty"])], "uncertainty: sparsification")]
+           if summary.get("uncertainty") else [])
+        + [report.stability_table([(name, summary["scale_mode"], summary["scale_stability"])],
+                                  "scale stability: median(gt) / median(depth), frames in stamp order")],
         frames=rows)
     return report.write_report(out_dir / "index.html", f"diffsql-bag-eval: {name}", [sec])
 

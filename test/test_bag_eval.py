@@ -111,8 +111,10 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
             if tag == "img":
                 srcs.append(dict(attrs)["src"])
 
-    P().feed((work / "report" / "index.html").read_text())
+    page = (work / "report" / "index.html").read_text()
+    P().feed(page)
     assert len(srcs) == 8  # 2 frames x input, depth, uncertainty, point cloud
+    assert "sparsification" in page and "std/depth" in page and "scale stability" in page
     import cv2
 
     for s in srcs:

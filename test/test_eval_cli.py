@@ -410,3 +410,14 @@ def test_uncertainty_bag_protocol_ranked_by_the_true_error(kitti_raw, tmp_path):
     ratios = [r["needed_scale"] for r in results["oracle"]["per_frame"]]
     assert st == pytest.approx(scale_stability.stability(ratios)) and st["n_frames"] == 4
     assert ratios == pytest.approx([r["ratio"] for r in results["oracle"]["per_frame"]])
+
+
+def test_no_garg_crop_scores_every_valid_pixel(kitti_shared_root, kitti_raw, tmp_path):
+    split = write_split(tmp_path, (5,))
+    np.savez(tmp_path / "p.npz", depth=np.full((1, 96, 320), 7.0, np.float32))
+    rc, res = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                  "--predictions", tmp_path / "p.npz", "--no-garg-crop")
+    g = velo_gt(kitti_raw, 5)
+    assert rc == 0 and res["settings"]["garg_crop"] is False
+    assert res["per_frame"][0]["n_valid"] == int(((g > 1e-3) & (g < 80)).sum()) > int(
+        ((g > 1e-3) & (g < 80) & metrics.garg_crop_mask(375, 1242)).sum())

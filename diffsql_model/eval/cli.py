@@ -164,6 +164,9 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=pathlib.Path, help="write the full result (per frame, missing frames) here")
     ap.add_argument("--scaling", choices=("median", "fixed"), default="median")
     ap.add_argument("--scale", type=float, default=1.0, help="with --scaling fixed: pred * scale")
+    ap.add_argument("--no-garg-crop", dest="garg_crop", action="store_false",
+                    help="eigen / eigen_benchmark: score every valid pixel (cameras other than KITTI's, e.g. the "
+                    "demo's synthetic drive)")
     ap.add_argument("--gt-depth", choices=("velo_x", "cam_z"), default="velo_x",
                     help="eigen ground truth: velodyne forward x (standard) or camera z")
     ap.add_argument("--image-topic", help="bag: camera image topic (default: the only one)")
@@ -182,8 +185,9 @@ def parse_args(argv=None):
 
 
 def evaluate(args) -> dict:
+    crop = {} if getattr(args, "garg_crop", True) else {"garg_crop": False}
     cfg = protocols.EvalConfig.for_protocol(args.protocol, scaling=args.scaling, scale=args.scale,
-                                            gt_depth=args.gt_depth)
+                                            gt_depth=args.gt_depth, **crop)
     if args.protocol == "bag":
         return _evaluate_bag(args, cfg)
     frames, details = build_frames(args)
