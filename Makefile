@@ -11,7 +11,7 @@ SHARED ?= ../shared
 CHECKPOINT ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow bench demo clean
+.PHONY: venv test test-slow test-registry bench demo clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# pip resolves requirements-robot.txt for the distros' Pythons (PyPI, no downloads of wheels).
+test-registry: $(STAMP)
+	$(PY) -m pytest -m registry -s test/test_robot_requirements.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/model_speed.py
