@@ -30,6 +30,7 @@ setup(
             "diffsql-train = diffsql_model.train.cli:main",
             "diffsql-eval = diffsql_model.eval.cli:main",
             "diffsql-make-sample = diffsql_model.data.sample_cli:main",
+            "diffsql-export = diffsql_model.export:main",
         ],
     },
 )

@@ -11,6 +11,14 @@ before and after. Peak memory: CUDA allocator peak on GPU; on CPU the rise of th
 process's peak RSS (VmHWM, reset before the timed runs) over its RSS before them, with
 glibc's mmap threshold fixed so freed tensors leave RSS: activation memory of one forward.
 Prints a markdown table last; --json writes the rows for bench/gpu_table.py.
+
+    python bench/model_speed.py --presets lite --precisions fp32 --runtime eager compile onnxruntime tensorrt
+--runtime: one row per preset, precision and inference runtime (diffsql_model/runtimes.py) instead:
+start (build / export / engine build and the first call, which compiles), median latency, FPS,
+peak memory and the max |depth difference| to eager in the same precision on the same random
+image. Runtimes that cannot run here (tensorrt without CUDA or torch_tensorrt, onnxruntime in
+bf16) are skipped with a line saying why. Exports and engines go to a fresh temporary cache
+unless --cache-dir is given (then a second run shows the cached start).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -31,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import cuda_math_mode  # noqa: E402
 from diffsql_model.presets import PRESETS, get_preset  # noqa: E402
+from diffsql_model.runtimes import RUNTIMES, RuntimeUnavailable, build_runtime, depth_maps  # noqa: E402
 
 
 def _status_kb(key: str) -> int:
@@ -67,6 +77,21 @@ class PeakMemory:
             self.mb = (_status_kb("VmHWM") - self.base) / 1024
 
 
+def timed(forward, device, runs):
+    """forward() once to warm up (cuDNN autotuning, compilation, one-time allocations stay
+    outside), then `runs` times: (median ms, peak memory rise MB, the warm-up's output)."""
+    out = forward()
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(runs):
+            t = time.perf_counter()
+            forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # a benchmark: the wall time of the whole forward
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), mem.mb, out
+
+
 def measure(model, image, device, dtype, runs, tf32=True):
     """Median forward latency (ms) and peak memory rise (MB) under autocast(dtype) or fp32."""
     cuda = device.type == "cuda"
@@ -74,29 +99,24 @@ def measure(model, image, device, dtype, runs, tf32=True):
     def forward():
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
                 cuda_math_mode(tf32) if cuda else contextlib.nullcontext():
-            out = model(image)
-        if cuda:
-            torch.cuda.synchronize(device)  # a benchmark: the wall time of the whole forward
-        return out
+            return model(image)
 
-    out = forward()  # warm-up: cuDNN autotuning, one-time allocations stay outside
+    ms, mb, out = timed(forward, device, runs)
     ok = all(torch.isfinite(v.float()).all() for v in out.values())
-    del out
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(runs):
-            t = time.perf_counter()
-            forward()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), mem.mb, ok
+    return ms, mb, ok
 
 
-def bench_preset(name, args, device, precisions, sd_arch) -> dict:
-    """One preset: a model per precision (frozen SD in that precision's dtypes), same weights."""
+def preset_config(name, args, sd_arch):
     cfg = get_preset(name, weights="none", height=args.height, width=args.width)
     if cfg.sd.enabled:
         cfg = dataclasses.replace(cfg, sd=dataclasses.replace(cfg.sd, arch=sd_arch or cfg.sd.arch,
                                                               allow_random_weights=True))
+    return cfg
+
+
+def bench_preset(name, args, device, precisions, sd_arch) -> dict:
+    """One preset: a model per precision (frozen SD in that precision's dtypes), same weights."""
+    cfg = preset_config(name, args, sd_arch)
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     image = torch.rand(args.batch, 3, args.height, args.width, device=device)
     res = {}
@@ -117,6 +137,63 @@ def bench_preset(name, args, device, precisions, sd_arch) -> dict:
                         for p, (ms, mb, ok) in res.items()}}
 
 
+def bench_runtimes(name, args, device, precisions, sd_arch, cache_dir) -> list[dict]:
+    """One preset: per precision a model (as bench_preset), then each runtime of it against
+    eager in that precision on one random image."""
+    cfg = preset_config(name, args, sd_arch)
+    size, cuda = (args.height, args.width), device.type == "cuda"
+    image = torch.rand(args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    math = (lambda: cuda_math_mode(not args.no_tf32)) if cuda else contextlib.nullcontext
+    rows = []
+    for p in precisions:
+        torch.manual_seed(0)
+        model = DiffSQLDepth.from_config(cfg, device, precision=p).eval()
+        with torch.inference_mode(), math():
+            ref = depth_maps(model, image, p, uncertainty=True)
+        for rt in args.runtime:
+            row = {"preset": name, "precision": p, "runtime": rt, "batch": args.batch}
+            rows.append(row)
+            start = time.perf_counter()
+            try:
+                runtime = build_runtime(model, rt, size, p, device, max_batch=args.batch,
+                                        cache_dir=cache_dir, tf32=not args.no_tf32)
+            except RuntimeUnavailable as e:
+                row["skipped"] = str(e)
+                print(f"{name} {p} {rt}: skipped: {e}", flush=True)
+                continue
+
+            def forward():
+                with torch.inference_mode(), math():
+                    return runtime(image)
+
+            forward()  # the first call compiles (torch.compile) or allocates (engines, arenas)
+            row["start_s"] = time.perf_counter() - start
+            ms, mb, out = timed(forward, device, args.runs)
+            err = float((out[:, 0] - ref[:, 0]).abs().max())
+            row.update(ms=ms, fps=1e3 * args.batch / ms, peak_MB=mb, max_depth_err_m=err,
+                       from_cache=runtime.from_cache)
+            print(f"{name} {p} {rt}: start {row['start_s']:.1f} s, {ms:.1f} ms, {mb:.0f} MB, "
+                  f"max |depth - eager| {err:.2e} m", flush=True)
+        del model
+        gc.collect()
+    return rows
+
+
+def print_runtime_table(rows):
+    print("| preset | precision | runtime | start s | ms | FPS | peak MB | max abs depth err vs eager (m) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['preset']} | {r['precision']} | {r['runtime']} | skipped (below) | | | | |")
+            continue
+        cached = " (cached)" if r["from_cache"] else ""
+        print(f"| {r['preset']} | {r['precision']} | {r['runtime']} | {r['start_s']:.1f}{cached} | "
+              f"{r['ms']:.1f} | {r['fps']:.1f} | {r['peak_MB']:.0f} | {r['max_depth_err_m']:.1e} |")
+    for r in rows:
+        if "skipped" in r:
+            print(f"\n{r['preset']} {r['precision']} {r['runtime']} skipped: {r['skipped']}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
@@ -132,6 +209,9 @@ def main(argv=None):
                     help="autocast precisions (default: fp32 bf16; fp16 only on CUDA)")
     ap.add_argument("--no-tf32", action="store_true", help="CUDA: IEEE fp32 matmuls and convolutions")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=None,
+                    help="compare these inference runtimes instead (one row per preset, precision, runtime)")
+    ap.add_argument("--cache-dir", default=None, help="--runtime: export / engine cache (default: a fresh temp dir)")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # A fixed mmap threshold makes glibc return every large tensor to the OS when freed
@@ -150,6 +230,15 @@ def main(argv=None):
         name_dev = f"CPU, {args.threads} threads"
     print(f"# DepthNet forward, {args.batch} x 3 x {args.height} x {args.width}, {name_dev}, "
           f"median of {args.runs} runs, torch {torch.__version__}", flush=True)
+    if args.runtime:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [r for name in args.presets
+                    for r in bench_runtimes(name, args, device, precisions, sd_arch, args.cache_dir or tmp)]
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({"meta": {"device": name_dev}, "runtime_rows": rows}, indent=1))
+        print()
+        print_runtime_table(rows)
+        return
     rows = []
     for name in args.presets:
         row = bench_preset(name, args, device, precisions, sd_arch)

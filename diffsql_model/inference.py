@@ -1,7 +1,8 @@
-"""Model -> depth, written once: `depth_maps` runs the network (gradients off, the run precision)
-for every caller; `predict_depth` is its batch form for evaluation and validation; `DepthEstimator`
-its single-frame form for the ROS node and the demos (uint8 RGB frame in, depth + uncertainty
-at the frame's size out). Knows nothing about ROS.
+"""Model -> depth, written once: `depth_maps` (runtimes.py, re-exported here) runs the network
+(gradients off, the run precision) for every caller; `predict_depth` is its batch form for
+evaluation and validation; `DepthEstimator` its single-frame form for the ROS node and the demos
+(uint8 RGB frame in, depth + uncertainty at the frame's size out). Both take a runtime (eager,
+compile, onnxruntime, tensorrt: runtimes.py). Knows nothing about ROS.
 
 The estimator allocates the network input once per input size and reuses it, so a camera stream
 allocates only the outputs. On CUDA the raw frame goes up through a pinned staging buffer (reused
@@ -19,32 +20,22 @@ import torch
 
 from .data.network_input import check_rgb, resize_to_unit, resize_to_unit_uint8
 from .device import check_precision, resolve_device
+from .runtimes import RUNTIMES, Runtime, build_runtime, check_runtime, depth_maps  # noqa: F401 (API)
 from .timing import Stopwatch
 
 TIMING_KEYS = ("preprocess_ms", "model_ms", "postprocess_ms")
 
 
-def depth_maps(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32",
-               uncertainty: bool = False) -> torch.Tensor:
-    """A DiffSQLDepth-like model on B x 3 x h x w images in [0, 1] (on the model's device) ->
-    B x 1 x h x w float32 depth there; with `uncertainty`, B x 2 x h x w (depth, uncertainty).
-
-    Gradients off (no_grad, not inference_mode: validation runs this on the model being trained).
-    `precision` is the autocast dtype of the forward; fp32 runs without autocast."""
-    dtype = check_precision(precision)
-    with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=precision != "fp32"):
-        out = model(images)
-    maps = torch.cat([out["depth"], out["uncertainty"]], 1) if uncertainty else out["depth"]
-    return maps.float()
-
-
 def predict_depth(model: torch.nn.Module, images: torch.Tensor, *, device: Optional[torch.device] = None,
-                  precision: str = "fp32") -> np.ndarray:
+                  precision: str = "fp32", runtime: Optional[Runtime] = None) -> np.ndarray:
     """B x 3 x h x w images in [0, 1] -> B x h x w float32 depth on the host, at the network size
     (the evaluation protocols resize it to the ground truth). `device`: the model's, where the
-    images are moved first (None: they are there already)."""
+    images are moved first (None: they are there already). `runtime`: a `build_runtime` of this
+    model (its own precision, input size and max_batch apply) instead of eager."""
     if device is not None:
         images = images.to(device)
+    if runtime is not None:
+        return runtime(images)[:, 0].cpu().numpy()
     return depth_maps(model, images, precision)[:, 0].cpu().numpy()
 
 
@@ -70,11 +61,17 @@ class DepthEstimator:
 
     tf32: on CUDA devices of compute capability >= 8.0 (Ampere and newer), fp32 matmuls and
     convolutions run on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation); False
-    keeps IEEE fp32 for both. No effect on CPU or older GPUs (`self.tf32` says what applies)."""
+    keeps IEEE fp32 for both. No effect on CPU or older GPUs (`self.tf32` says what applies).
+
+    runtime: eager (default), compile, onnxruntime or tensorrt (runtimes.py), built here for the
+    network size at batch 1; onnxruntime / tensorrt keep their export / engines in `cache_dir`
+    (default runtimes.default_cache_dir()). compile compiles at the first frame: call warmup()."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: str = "cpu", precision: str = "fp32",
-                 input_size: Optional[tuple[int, int]] = None, tf32: bool = True):
+                 input_size: Optional[tuple[int, int]] = None, tf32: bool = True, runtime: str = "eager",
+                 cache_dir: Optional[str] = None):
         check_precision(precision)
+        check_runtime(runtime)
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type == "cpu":
             # CPU half-precision convolutions are slow or missing; bf16 is the CPU low-precision path.
@@ -88,6 +85,8 @@ class DepthEstimator:
         self.model = model.to(self.device).eval()
         self.cuda = self.device.type == "cuda"
         self.tf32 = bool(tf32) and self.cuda and torch.cuda.get_device_capability(self.device) >= (8, 0)
+        self.runtime = build_runtime(self.model, runtime, self.net_size, precision, self.device,
+                                     cache_dir=cache_dir, tf32=self.tf32)
         # The float network input 1x3xhxw, reused; on CPU also uint8 planes for the split.
         self._input = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
         if self.cuda:
@@ -139,7 +138,7 @@ class DepthEstimator:
     def _forward(self) -> torch.Tensor:
         """The network on `self._input` -> depth and uncertainty stacked, 2 x h x w float32: they
         travel together (one copy; where the output is resized, one 2-channel resize)."""
-        return depth_maps(self.model, self._input, self.precision, uncertainty=True)[0]
+        return self.runtime(self._input)[0]
 
     def _predict_cpu(self, rgb: np.ndarray, watch: Stopwatch) -> np.ndarray:
         resize = rgb.shape[:2] != self.net_size
