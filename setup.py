@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "depth_node = diffsql_ros.depth_node:main",
+            "managed_depth_node = diffsql_ros.managed_depth_node:main",
             "diffsql-bag-eval = diffsql_ros.bag_eval:main",
             "diffsql-train = diffsql_model.train.cli:main",
             "diffsql-eval = diffsql_model.eval.cli:main",

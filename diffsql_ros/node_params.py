@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.exceptions import ParameterUninitializedException
+from rclpy.parameter import Parameter
 
 from diffsql_model.device import DEVICES, PRECISIONS
 from diffsql_model.yaml_config import ConfigError
+from diffsql_ros.camera_stream import stream_names
 from diffsql_ros.scale import SCALE_MODES, ScaleConfig
 
 _SCALE = ScaleConfig()  # the scale.* defaults live in ScaleConfig only
@@ -40,6 +43,12 @@ PARAMETERS = (
           read_only=True),
     Param("input_width", 0, "network input width, multiple of 32; 0 = the checkpoint's", range=(0, 4096, 32),
           read_only=True),
+    Param("cameras", (), "camera namespaces served by one model, e.g. [front, left]: each has its own "
+          "<ns>/image and <ns>/camera_info in and <ns>/depth, ... out; frames that arrive together run as one "
+          "batch; empty = one camera on the node's own topics", read_only=True),
+    Param("output_resolution", "input", "input: outputs at the camera image's size; network: at the network "
+          "input size, depth/camera_info's K scaled to it (REP 118; skips the upsample, a smaller cloud)",
+          ("input", "network"), read_only=True),
     Param("image_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on "
           "'image/compressed'", ("raw", "compressed"), read_only=True),
     Param("input_qos", "sensor_data", "QoS of the image and camera_info subscriptions",
@@ -89,7 +98,23 @@ def _descriptor(p: Param) -> ParameterDescriptor:
 
 def declare_all(node) -> None:
     for p in PARAMETERS:
-        node.declare_parameter(p.name, p.default, _descriptor(p))
+        if isinstance(p.default, tuple):  # a string list: rclpy cannot infer the type of an empty default
+            d = _descriptor(p)
+            d.type = ParameterType.PARAMETER_STRING_ARRAY
+            node.declare_parameter(p.name, Parameter.Type.STRING_ARRAY, d)
+        else:
+            node.declare_parameter(p.name, p.default, _descriptor(p))
+
+
+def read_all(node) -> dict:
+    """Every parameter's value; a string list left unset (rclpy: uninitialised) is its default."""
+    values = {}
+    for p in PARAMETERS:
+        try:
+            values[p.name] = node.get_parameter(p.name).value
+        except ParameterUninitializedException:
+            values[p.name] = list(p.default)
+    return values
 
 
 def check_params(values: dict) -> None:
@@ -97,11 +122,14 @@ def check_params(values: dict) -> None:
     for p in PARAMETERS:
         if p.choices and values[p.name] not in p.choices:
             raise ConfigError(f"parameter {p.name} must be one of {p.choices}, got {values[p.name]!r}")
+        if isinstance(p.default, tuple) and not isinstance(values[p.name], (list, tuple, type(None))):
+            raise ConfigError(f"parameter {p.name} must be a list of strings, got {values[p.name]!r}")
         if isinstance(p.default, bool) and not isinstance(values[p.name], bool):
             raise ConfigError(f"parameter {p.name} must be true or false, got {values[p.name]!r}")
     if values["min_depth"] >= values["max_depth"]:
         raise ConfigError(f"need min_depth < max_depth, got {values['min_depth']} >= {values['max_depth']}")
     if values["points.min_range"] > values["points.max_range"]:
         raise ConfigError("need points.min_range <= points.max_range")
+    stream_names(values["cameras"])
     if bool(values["input_height"]) != bool(values["input_width"]):
         raise ConfigError("set both input_height and input_width, or neither (0 = the checkpoint's size)")

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.ros
 import cv2  # noqa: E402
 import yaml  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
+from lifecycle_msgs.srv import GetState  # noqa: E402
 from rcl_interfaces.srv import GetParameters  # noqa: E402
 from rclpy.node import NodeNameNonExistentError  # noqa: E402
 from rclpy.parameter import parameter_value_to_python  # noqa: E402
@@ -65,7 +66,16 @@ class LaunchCase:
 
 REMAPPED = {"image": "/cam0/image_raw", "camera_info": "/cam0/camera_info"}
 CAM0 = Camera("/depth_node", "/cam0/image_raw", "/cam0/camera_info", "/")
-CASES = [LaunchCase("remapped", REMAPPED, (CAM0,))]
+CASES = [
+    LaunchCase("remapped", REMAPPED, (CAM0,)),
+    # The lifecycle node, configured and activated by launch (autostart).
+    LaunchCase("managed", {**REMAPPED, "managed": "true", "autostart": "true"}, (CAM0,),
+               executables=("managed_depth_node",)),
+    # Two cameras, one node: each camera's <ns>/image_raw and <ns>/camera_info in, <ns>/depth out.
+    LaunchCase("cameras", {"cameras": "front,left"},
+               (Camera("/depth_node", "/front/image_raw", "/front/camera_info", "/front"),
+                Camera("/depth_node", "/left/image_raw", "/left/camera_info", "/left"))),
+]
 
 
 class Probe(Receiver):
@@ -220,6 +230,16 @@ def test_params_file_and_checkpoint_arrive(launched):
     wait_up(launched)
     for cam in case.cameras:
         assert probe.get_params(cam.node, list(flat)) == flat
+
+
+def test_managed_node_autostarts_to_active(launched):
+    case, proc, probe = launched
+    if case.launch_args.get("managed") != "true":
+        pytest.skip("the lifecycle node's case only")
+    wait_up(launched)
+    res = probe.call(GetState, "/depth_node/get_state", GetState.Request())
+    assert res.current_state.label == "active"
+    assert "configure failed" not in proc.text()
 
 
 def test_ctrl_c_stops_the_node_before_launch_escalates(launched):

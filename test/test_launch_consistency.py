@@ -44,10 +44,12 @@ def launch_args(launch_tree):
 
 
 def test_launch_arguments_and_files(launch_tree, launch_args):
-    nodes = {(_const(_kw(c, "package")), _const(_kw(c, "executable"))) for c in _calls(launch_tree, "Node")}
-    assert ("diffsql_ros", "depth_node") in nodes and ("rviz2", "rviz2") in nodes
+    calls = _calls(launch_tree, "Node") + _calls(launch_tree, "LifecycleNode")
+    assert {_const(_kw(c, "executable")) for c in calls} == {"depth_node", "managed_depth_node", "rviz2"}
+    assert {_const(_kw(c, "package")) for c in ast.walk(launch_tree) if isinstance(c, ast.Call)} >= {"diffsql_ros", "rviz2"}
     assert {"params_file", "checkpoint", "image", "camera_info", "rviz", "camera_frame"} <= set(launch_args)
-    used = {_const(c.args[0]) for c in _calls(launch_tree, "LaunchConfiguration")}
+    used = {_const(c.args[0]) for c in _calls(launch_tree, "LaunchConfiguration") + _calls(launch_tree, "arg")}
+    used.discard(None)  # arg(name): the names come from the arg("...") calls
     assert used <= set(launch_args), used - set(launch_args)
     # The default params file and rviz config are config/depth.yaml and config/depth.rviz of the share dir.
     joins = [[_const(e) for e in c.args[0].elts] for c in _calls(launch_tree, "PathJoinSubstitution")]
@@ -55,8 +57,9 @@ def test_launch_arguments_and_files(launch_tree, launch_args):
 
 
 def test_remappings_name_topics_the_node_uses(launch_tree):
-    node = next(c for c in _calls(launch_tree, "Node") if _const(_kw(c, "executable")) == "depth_node")
-    remaps = [_const(t.elts[0]) for t in _kw(node, "remappings").elts]
+    fn = next(n for n in ast.walk(launch_tree) if isinstance(n, ast.FunctionDef) and n.name == "_remappings")
+    single = next(n for n in ast.walk(fn) if isinstance(n, ast.Return) and isinstance(n.value, ast.List))
+    remaps = [_const(t.elts[0]) for t in single.value.elts]
     # Every input the node subscribes (and nothing else) can be remapped from the launch file.
     assert set(remaps) == set(SUBSCRIBED_TOPICS)
 
