@@ -187,7 +187,9 @@ def write_demo_report(out: pathlib.Path, sample: dict, train_info: dict, offline
                   paragraphs=[f"checkpoint: {train_info.get('checkpoint')}"
                               + (" (reused)" if train_info.get("reused") else ""),
                               "synthetic sample: {train} training / {val} validation / {test} held-out "
-                              "test frames".format(**sample["synthetic"]["frames"])]),
+                              "test frames".format(**sample["synthetic"]["frames"])]
+                  + ([] if curve.get("points") else ["No learning-curve plot: the checkpoint's folder holds no "
+                                                     "training run (TensorBoard events and summary.json)."])),
     ]
     if curve.get("points"):
         best = min(curve["points"], key=lambda p: p[1])[0] if str(train_info.get("checkpoint")).endswith("best.pt") else None

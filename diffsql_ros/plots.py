@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 SIZE = (5.6, 3.2)  # inches at 100 dpi: 560 x 320 px, legible at the page's width
 DPI = 100
@@ -82,6 +83,7 @@ def scale_ratios(series: dict) -> bytes:
         if r.size:
             ax.plot(np.arange(r.size), r / np.median(r), "o-", ms=3, lw=1.2, label=name)
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _png(fig)
 
