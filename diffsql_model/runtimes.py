@@ -182,8 +182,9 @@ def _tensorrt(model, size, precision, device, max_batch, tf32, cache_dir):
     # Traced in fp32; the frozen SD keeps the dtypes it was loaded in (explicit casts in the graph).
     program = trace(model, h, w, max_batch, "fp32", dynamic_batch=max_batch > 1, max_batch=max_batch)
     low = precision != "fp32"
+    gpu = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     built = torch_tensorrt.dynamo.compile(
-        program, arg_inputs=inputs, device=device, disable_tf32=not tf32, min_block_size=1,
+        program, arg_inputs=inputs, device=gpu, disable_tf32=not tf32, min_block_size=1,
         enable_autocast=low, autocast_low_precision_type=check_precision(precision) if low else None)
 
     def save(tmp: pathlib.Path) -> None:
