@@ -1,7 +1,7 @@
 """Does self-supervised training learn on a synthetic world? A learning curve per run.
 
     .venv/bin/python bench/mono_learning.py --world varied --steps 3000 --out runs/mono_varied
-    .venv/bin/python bench/mono_learning.py --world varied --set model.preset=queries_none ...
+    .venv/bin/python bench/mono_learning.py --world varied --model query_mode=none ...   # plain head
     .venv/bin/python bench/mono_learning.py --world demo --frames-ids 0,s      # stereo reference
 
 Renders (once, cached under OUT/data) `--drives` training drives and one held-out drive of the
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model", dest="model_fields", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a ModelConfig field of the preset, e.g. query_mode=none (a plain depth head)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
     frame_ids = [f if f == "s" else int(f) for f in a.frame_ids.split(",")]
     cfg = TrainConfig.from_dict({
         "name": out.name,
-        "model": {"preset": "lite", "overrides": {"height": 64, "width": 192}},
+        "model": {"preset": "lite", "overrides": {"height": 64, "width": 192, **dict(
+            kv.split("=", 1) for kv in a.model_fields)}},
         "data": {"kind": "kitti", "root": data["root"], "train_split": data["train_split"],
                  "frame_ids": frame_ids},
         "optim": {"batch_size": 4, "lr": 1e-4, "epochs": 10000, "lr_step_epochs": 10000, "max_steps": a.every},

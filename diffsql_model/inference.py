@@ -69,29 +69,34 @@ class DepthEstimator:
 
     def __init__(self, model: torch.nn.Module, cfg, device: str = "cpu", precision: str = "fp32",
                  input_size: Optional[tuple[int, int]] = None, tf32: bool = True, runtime: str = "eager",
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, max_batch: int = 1):
         check_precision(precision)
         check_runtime(runtime)
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type == "cpu":
             # CPU half-precision convolutions are slow or missing; bf16 is the CPU low-precision path.
             raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.precision = precision
         self.cfg = cfg
         h, w = input_size if input_size else (cfg.height, cfg.width)
         if h <= 0 or w <= 0 or h % 32 or w % 32:
             raise ValueError(f"network input size must be positive multiples of 32, got {h}x{w}")
         self.net_size = (int(h), int(w))
+        self.max_batch = int(max_batch)
         self.model = model.to(self.device).eval()
         self.cuda = self.device.type == "cuda"
         self.tf32 = bool(tf32) and self.cuda and torch.cuda.get_device_capability(self.device) >= (8, 0)
         self.runtime = build_runtime(self.model, runtime, self.net_size, precision, self.device,
-                                     cache_dir=cache_dir, tf32=self.tf32)
-        # The float network input 1x3xhxw, reused; on CPU also uint8 planes for the split.
-        self._input = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
+                                     cache_dir=cache_dir, tf32=self.tf32, max_batch=self.max_batch)
+        # The float network input max_batch x 3 x h x w, reused; on CPU also uint8 planes for the split.
+        self._input = torch.empty((self.max_batch, 3, h, w), dtype=torch.float32, device=self.device)
         if self.cuda:
-            self._staging = self._frame = None  # camera-sized, made at the first frame of a size
-            self._out_host = torch.empty(2 * h * w, dtype=torch.float32, pin_memory=True)
+            # (batch slot, frame shape) -> (pinned host, its numpy view, device) upload buffers,
+            # made at the first frame of a size in a slot: cameras of several sizes keep theirs.
+            self._staging: dict = {}
+            self._out_host = torch.empty(self.max_batch * 2 * h * w, dtype=torch.float32, pin_memory=True)
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         else:
             self._planes = [np.empty((h, w), np.uint8) for _ in range(3)]
@@ -99,84 +104,97 @@ class DepthEstimator:
         self.warmup_ms: Optional[float] = None
 
     def warmup(self, frame_shape: Optional[tuple[int, int]] = None) -> float:
-        """One inference on a black frame (default: network size), so the first camera frame does
-        not pay cuDNN autotuning, CUDA context and allocator growth. Eval mode: no state changes,
-        later results are the same. Returns (and keeps in `warmup_ms`) its wall time."""
+        """Inference on black frames (default: network size; a full batch, so every batch size the
+        runtime builds for is met once on CUDA graphs' and engines' largest), so the first camera
+        frame does not pay cuDNN autotuning, CUDA context and allocator growth. Eval mode: no
+        state changes, later results are the same. Returns (and keeps in `warmup_ms`) its time."""
         h, w = frame_shape or self.net_size
         watch = Stopwatch()
         with watch("warmup"):
-            self.predict(np.zeros((h, w, 3), np.uint8))
+            self.predict_batch([np.zeros((h, w, 3), np.uint8)] * self.max_batch)
+            if self.max_batch > 1:
+                self.predict(np.zeros((h, w, 3), np.uint8))
         self.warmup_ms = watch.ms["warmup"]
         return self.warmup_ms
 
-    @torch.inference_mode()
-    def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """rgb: HxWx3 uint8 -> (depth HxW float32, uncertainty HxW float32) at the input size.
+    def predict(self, rgb: np.ndarray, full_size: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """rgb: HxWx3 uint8 -> (depth, uncertainty), float32, at the input size (`full_size`) or
+        at the network size. The last call's breakdown is in `self.timing` (milliseconds)."""
+        return self.predict_batch([rgb], full_size)[0]
 
-        The last call's breakdown is in `self.timing` (milliseconds)."""
-        check_rgb(rgb)
-        H, W = rgb.shape[:2]
-        if H < 2 or W < 2:
-            raise ValueError(f"image too small: {H}x{W}")
+    @torch.inference_mode()
+    def predict_batch(self, rgbs: list, full_size: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Frames (of any sizes, 1..max_batch of them) through one network call -> per frame
+        (depth, uncertainty) as `predict` gives them; `self.timing` is the whole batch's."""
+        if not 1 <= len(rgbs) <= self.max_batch:
+            raise ValueError(f"{len(rgbs)} frames: this estimator takes 1..{self.max_batch} at once")
+        for rgb in rgbs:
+            check_rgb(rgb)
+            if rgb.shape[0] < 2 or rgb.shape[1] < 2:
+                raise ValueError(f"image too small: {rgb.shape[0]}x{rgb.shape[1]}")
+        sizes = [rgb.shape[:2] if full_size else self.net_size for rgb in rgbs]
+        # A frame resized back travels h x w x 2 (one 2-channel cv2 resize); else 2 x h x w planes.
+        hw2 = any(size != self.net_size for size in sizes)
         watch = Stopwatch(TIMING_KEYS)
         if self.cuda:
             with cuda_math_mode(self.tf32):
-                stacked = self._predict_cuda(rgb, watch)  # a view on the pinned output buffer
+                stacked = self._predict_cuda(rgbs, watch, hw2)  # a view on the pinned output buffer
         else:
-            stacked = self._predict_cpu(rgb, watch)  # a fresh array
+            stacked = self._predict_cpu(rgbs, watch, hw2)  # a fresh array
         with watch("postprocess_ms"):
-            if (H, W) != self.net_size:
-                stacked = cv2.resize(stacked, (W, H), interpolation=cv2.INTER_LINEAR)  # h x w x 2
-                depth = np.ascontiguousarray(stacked[..., 0])  # faster than cv2.split for 2 channels
-                unc = np.ascontiguousarray(stacked[..., 1])
-            else:
-                # Two contiguous h x w planes of a fresh array (the pinned buffer is the next frame's).
-                depth, unc = stacked.copy() if self.cuda else stacked
+            out = [self._split(stacked[i], size, hw2) for i, size in enumerate(sizes)]
         self.timing = watch.ms
-        return depth, unc
+        return out
 
-    def _forward(self) -> torch.Tensor:
-        """The network on `self._input` -> depth and uncertainty stacked, 2 x h x w float32: they
-        travel together (one copy; where the output is resized, one 2-channel resize)."""
-        return self.runtime(self._input)[0]
+    def _split(self, maps: np.ndarray, size: tuple, hw2: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One frame's stacked maps -> two contiguous planes of its own (the pinned buffer and the
+        batch array are the next frame's), at `size`."""
+        if not hw2:
+            return (maps[0].copy(), maps[1].copy()) if self.cuda else (maps[0], maps[1])
+        if tuple(size) != self.net_size:
+            maps = cv2.resize(maps, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)  # h x w x 2
+        return np.ascontiguousarray(maps[..., 0]), np.ascontiguousarray(maps[..., 1])  # faster than cv2.split
 
-    def _predict_cpu(self, rgb: np.ndarray, watch: Stopwatch) -> np.ndarray:
-        resize = rgb.shape[:2] != self.net_size
+    def _predict_cpu(self, rgbs: list, watch: Stopwatch, hw2: bool) -> np.ndarray:
+        n = len(rgbs)
         with watch("preprocess_ms"):
-            resize_to_unit_uint8(rgb, self._input, self._planes)
+            for i, rgb in enumerate(rgbs):
+                resize_to_unit_uint8(rgb, self._input[i:i + 1], self._planes)
         with watch("model_ms"):
-            stacked = self._forward()
-            if resize:
-                stacked = stacked.permute(1, 2, 0).contiguous()  # h x w x 2 for cv2.resize
+            stacked = self.runtime(self._input[:n])  # n x 2 x h x w: depth, uncertainty
+            if hw2:
+                stacked = stacked.permute(0, 2, 3, 1).contiguous()  # n x h x w x 2 for cv2.resize
             stacked = stacked.numpy()
         return stacked
 
-    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
-        """The raw frame into the pinned staging buffer, then an async copy to the GPU (both
-        reused while the frame size stays). The staging buffer is free again here: the previous
-        frame's result was waited for, and its upload came before it on the same stream."""
-        if self._staging is None or tuple(self._staging.shape[:2]) != rgb.shape[:2]:
-            self._staging = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
-            self._staging_np = self._staging.numpy()
-            self._frame = torch.empty(rgb.shape, dtype=torch.uint8, device=self.device)
-        np.copyto(self._staging_np, rgb)  # reads strided and read-only views (ROS messages) too
-        return self._frame.copy_(self._staging, non_blocking=True)
+    def _upload(self, slot: int, rgb: np.ndarray) -> torch.Tensor:
+        """The raw frame into its pinned staging buffer, then an async copy to the GPU (both
+        reused while the slot's frame size stays). The staging buffer is free again here: the
+        previous batch's result was waited for, and its upload came before it on the same stream."""
+        key = (slot, rgb.shape)
+        if key not in self._staging:
+            host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+            self._staging[key] = (host, host.numpy(), torch.empty(rgb.shape, dtype=torch.uint8, device=self.device))
+        host, host_np, frame = self._staging[key]
+        np.copyto(host_np, rgb)  # reads strided and read-only views (ROS messages) too
+        return frame.copy_(host, non_blocking=True)
 
-    def _predict_cuda(self, rgb: np.ndarray, watch: Stopwatch) -> np.ndarray:
+    def _predict_cuda(self, rgbs: list, watch: Stopwatch, hw2: bool) -> np.ndarray:
         """Timed with CUDA events on the device's stream; the one wait is for the result. The GPU
-        is idle at the first event (the last frame was waited for), so the preprocess time runs
-        from the host's start, staging copy included."""
+        is idle at the first event (the last batch was waited for), so the preprocess time runs
+        from the host's start, staging copies included."""
         stream = torch.cuda.current_stream(self.device)
         ev = self._events
-        resize = rgb.shape[:2] != self.net_size
+        n = len(rgbs)
         ev[0].record(stream)
-        frame = self._upload(rgb)  # H x W x 3 uint8 on the GPU
-        self._input.copy_(resize_to_unit(frame, self.net_size))
+        for i, rgb in enumerate(rgbs):
+            frame = self._upload(i, rgb)  # H x W x 3 uint8 on the GPU, resized there
+            self._input[i:i + 1].copy_(resize_to_unit(frame, self.net_size))
         ev[1].record(stream)
-        stacked = self._forward()
-        stacked = (stacked.permute(1, 2, 0) if resize else stacked).contiguous()
+        stacked = self.runtime(self._input[:n])
+        stacked = (stacked.permute(0, 2, 3, 1) if hw2 else stacked).contiguous()
         ev[2].record(stream)
-        out = self._out_host.view(stacked.shape)
+        out = self._out_host[: stacked.numel()].view(stacked.shape)
         out.copy_(stacked, non_blocking=True)
         ev[3].record(stream)
         ev[3].synchronize()  # the result is needed on the host now

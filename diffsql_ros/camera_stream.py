@@ -20,6 +20,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from diffsql_model.colormaps import colorize_inverse_depth
+from diffsql_model.data.augment import scale_K
 from diffsql_model.data.pairing import StampPairer, stamp_ns
 from diffsql_model.timing import Stopwatch
 from diffsql_model.yaml_config import ConfigError
@@ -144,9 +145,11 @@ class CameraStream:
         return {k: s["publish." + k.replace("depth/", "")] and pub.get_subscription_count() > 0
                 for k, pub in self.pub.items() if k != "depth/camera_info"}
 
-    def camera(self, header, height: int, width: int):
-        """(K, depth camera_info) for the image's stamp at height x width (the published depth's
-        size); (None, None) without a fitting camera_info (depth is still published, points not)."""
+    def camera(self, header, image_hw: tuple, depth_hw: tuple):
+        """(K, depth camera_info) for the image's stamp: K of the image_hw camera image, scaled to
+        the published depth's depth_hw (output_resolution network; either scale per axis: the
+        network input need not keep the camera's aspect). (None, None) without a fitting
+        camera_info: depth is still published, points are not."""
         with self.info_lock:
             info_msg = self.infos.match(stamp_ns(header))
         if info_msg is None:
@@ -154,19 +157,21 @@ class CameraStream:
                                            "without points", throttle_duration_sec=5.0)
             return None, None
         try:
-            K = intrinsics_for_image(info_msg, width, height)
-            return K, camera_info_for_image(info_msg, K, width, height, header)
+            K = intrinsics_for_image(info_msg, image_hw[1], image_hw[0])
+            if tuple(depth_hw) != tuple(image_hw):
+                K = scale_K(K, image_hw[::-1], depth_hw[::-1])
+            return K, camera_info_for_image(info_msg, K, depth_hw[1], depth_hw[0], header)
         except CameraInfoError as e:
             self.node.get_logger().error(f"{self._label()}camera_info does not fit the image: {e}",
                                          throttle_duration_sec=2.0)
             return None, None
 
-    def publish(self, msg, rgb: np.ndarray, depth: np.ndarray, unc: np.ndarray, s: dict, want: dict,
-                watch: Stopwatch) -> None:
+    def publish(self, msg, rgb: np.ndarray, image_hw: tuple, depth: np.ndarray, unc: np.ndarray, s: dict,
+                want: dict, watch: Stopwatch) -> None:
         """One frame's outputs, depth first: its consumers do not wait for the cloud and the colour
-        map. `rgb` is at the depth's size (the cloud's colours)."""
+        map. `rgb` is at the depth's size (the cloud's colours), `image_hw` the camera image's."""
         with watch("postprocess"):
-            K, info = self.camera(msg.header, *depth.shape)
+            K, info = self.camera(msg.header, image_hw, depth.shape)
             scale = self.scaler.update(depth, K)
             out = postprocess(depth, unc, scale, s, points=want["points"] and K is not None)
         with watch("publish"):

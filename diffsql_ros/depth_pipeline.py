@@ -56,12 +56,13 @@ class DepthPipeline:
         s = self.settings
         if not s["checkpoint"]:
             raise CheckpointError("parameter 'checkpoint' is empty: pass the path of a DiffSQL checkpoint")
-        stream_names(s["cameras"])  # a bad list fails here, not at activation
         device = resolve_device(s["device"])
         # Frozen SD comes in the run precision's dtypes: autocast does not re-cast it every frame.
         model, cfg = load_model(s["checkpoint"], device, sd_path=s["sd_path"] or None, precision=s["precision"])
         size = (s["input_height"], s["input_width"]) if s["input_height"] and s["input_width"] else None
-        self.estimator = DepthEstimator(model, cfg, str(device), s["precision"], size, tf32=s["tf32"])
+        cameras = len(stream_names(s["cameras"]))
+        self.estimator = DepthEstimator(model, cfg, str(device), s["precision"], size, tf32=s["tf32"],
+                                        runtime=s["runtime"], max_batch=cameras)
         # Before the subscriptions: the first camera frame must not pay cuDNN autotuning and
         # allocator growth (seconds for SD on a GPU).
         warmup_ms = self.estimator.warmup()
@@ -152,20 +153,30 @@ class DepthPipeline:
                 (depth, unc), timing = result
                 for key, ms in timing.items():  # preprocess_ms, model_ms, postprocess_ms
                     watch.add(key.removesuffix("_ms"), ms)
-                if s["points.rgb"] and rgb.shape[:2] != depth.shape:  # output_resolution: network
+                image_hw = rgb.shape[:2]
+                if s["points.rgb"] and want["points"] and image_hw != depth.shape:  # output_resolution: network
                     rgb = cv2.resize(rgb, depth.shape[::-1], interpolation=cv2.INTER_AREA)
-                stream.publish(msg, rgb, depth, unc, s, want, watch)
+                stream.publish(msg, rgb, image_hw, depth, unc, s, want, watch)
                 stream.record(watch.ms, time.perf_counter() - t_recv)
             except Exception as e:
                 stream.bad_frame(e)
 
     def _predict(self, rgbs: list) -> list:
-        """[((depth, uncertainty), timing ms) or the exception, per frame]."""
+        """[((depth, uncertainty), timing ms) or the exception, per frame]: one batch, or frame by
+        frame when the batch fails, so that a bad frame costs only itself."""
+        if not rgbs:
+            return []
         full = self.settings["output_resolution"] == "input"
+        try:
+            maps = self.estimator.predict_batch(rgbs, full_size=full)
+            return [(m, dict(self.estimator.timing)) for m in maps]
+        except Exception as e:
+            if len(rgbs) == 1:
+                return [e]
         results = []
         for rgb in rgbs:
             try:
-                results.append((self.estimator.predict(rgb), dict(self.estimator.timing)))
+                results.append((self.estimator.predict(rgb, full_size=full), dict(self.estimator.timing)))
             except Exception as e:
                 results.append(e)
         return results

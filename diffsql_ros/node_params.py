@@ -13,6 +13,7 @@ from rclpy.exceptions import ParameterUninitializedException
 from rclpy.parameter import Parameter
 
 from diffsql_model.device import DEVICES, PRECISIONS
+from diffsql_model.runtimes import RUNTIMES
 from diffsql_model.yaml_config import ConfigError
 from diffsql_ros.camera_stream import stream_names
 from diffsql_ros.scale import SCALE_MODES, ScaleConfig
@@ -39,6 +40,9 @@ PARAMETERS = (
           tuple(PRECISIONS), read_only=True),
     Param("tf32", True, "CUDA, compute capability 8.0+ (Ampere and newer): fp32 matmuls and convolutions on "
           "TF32 tensor cores; false = IEEE fp32. No effect on CPU", read_only=True),
+    Param("runtime", "eager", "eager (PyTorch), compile (torch.compile; CUDA graphs on a GPU), onnxruntime "
+          "(CPU robots) or tensorrt (requirements-gpu.txt); exported graphs and engines are cached by model, "
+          "size, precision and GPU, so the second start is fast", RUNTIMES, read_only=True),
     Param("input_height", 0, "network input height, multiple of 32; 0 = the checkpoint's", range=(0, 2048, 32),
           read_only=True),
     Param("input_width", 0, "network input width, multiple of 32; 0 = the checkpoint's", range=(0, 4096, 32),

@@ -95,17 +95,19 @@ def test_estimator_reuses_pinned_buffers_and_times_with_events(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (syncs.append(a), real_sync(*a)))
     rgb = _rgb()
     first, _ = est.predict(rgb)
-    staging, frame = est._staging.data_ptr(), est._frame.data_ptr()
-    assert est._staging.is_pinned() and est._out_host.is_pinned() and tuple(est._staging.shape) == rgb.shape
+    (key, (host, _, frame)), = est._staging.items()
+    ptrs = (host.data_ptr(), frame.data_ptr())
+    assert host.is_pinned() and est._out_host.is_pinned() and key == (0, rgb.shape)
     view = rgb.view()
     view.flags.writeable = False  # as a frame viewed on a ROS message's buffer
     for _ in range(3):
         again, _ = est.predict(view)
-        assert (est._staging.data_ptr(), est._frame.data_ptr()) == (staging, frame)
+        host, _, frame = est._staging[key]
+        assert (host.data_ptr(), frame.data_ptr()) == ptrs and len(est._staging) == 1
         np.testing.assert_allclose(again, first, rtol=1e-5)
     assert tuple(est.timing) == TIMING_KEYS and all(v > 0 for v in est.timing.values())
     est.predict(rgb[:200, :600].copy())  # another camera size: new staging buffer of that size
-    assert tuple(est._staging.shape) == (200, 600, 3)
+    assert (0, (200, 600, 3)) in est._staging
     assert syncs == []  # timing came from CUDA events; the wait for the result is the event's
 
 

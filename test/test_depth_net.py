@@ -226,6 +226,8 @@ def test_export_program_matches_eager(tmp_path):
     (tmp_path / "bad.pt2").write_bytes(b"junk")
     with pytest.raises(ExportError, match="bad.pt2"):
         load_exported(tmp_path / "bad.pt2")
+    # A config that does not describe the model (SD on, the model has none) is refused; SD
+    # models themselves export (test_export.py).
     with pytest.raises(ExportError, match="SD features"):
         export_depth_net(model, get_preset("tiny_sd"), tmp_path / "sd.pt2")
 

@@ -182,7 +182,8 @@ PARAMS_FILE = ROOT / "config" / "depth.yaml"
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "depth_node"
 TOPICS = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
           "depth/uncertainty": Image, "depth/colored": Image}
-COMPRESSED_TOPICS = {"/compressed/depth": Image, "/compressed/points": PointCloud2}
+COMPRESSED_TOPICS = {"/compressed/depth": Image, "/compressed/depth/camera_info": CameraInfo,
+                     "/compressed/points": PointCloud2}
 
 
 def make_checkpoint(path: pathlib.Path) -> pathlib.Path:
@@ -361,7 +362,7 @@ def setup(tmp_path_factory):
     node_c = subprocess.Popen(
         [str(CONSOLE_SCRIPT), "--ros-args", "-r", "__ns:=/compressed", "--params-file", str(PARAMS_FILE),
          "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
-         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable"],
+         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable", "-p", "output_resolution:=network"],
         stdout=log_c, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     receiver = Receiver()
     publisher = Publisher(tmp)
@@ -432,20 +433,38 @@ def test_outputs_of_real_kitti_frames(setup):
         _check_cloud(msgs["points"], depth, unc, K, rgb, 1, setup["max_range"], setup["max_unc"])
 
 
-def test_compressed_transport(setup):
-    """image_transport: compressed takes JPEG CompressedImage on image/compressed."""
+def test_compressed_transport_at_network_resolution(setup):
+    """image_transport: compressed takes JPEG CompressedImage on image/compressed; this node
+    publishes at output_resolution: network, with depth/camera_info's K scaled to that size."""
     rx, pub, calib = setup["rx"], setup["pub"], setup["calib"]
     msgs = rx.request(pub, "jpeg 1 120", 120, tuple(COMPRESSED_TOPICS))
     rgb = cv2.imdecode(np.frombuffer(jpeg_bytes(cv2.imread(str(FRAMES[1]))[..., ::-1]), np.uint8),
                        cv2.IMREAD_COLOR)[..., ::-1].copy()
     model, cfg = setup["model"]
-    ref, _ = DepthEstimator(model, cfg, device="auto").predict(rgb)  # where the node runs
-    W, H = calib.image_size
-    depth = np.frombuffer(msgs["/compressed/depth"].data, np.float32).reshape(H, W)
+    ref, _ = DepthEstimator(model, cfg, device="auto", input_size=NET).predict(rgb, full_size=False)
+    h, w = NET
+    depth_msg = msgs["/compressed/depth"]
+    assert (depth_msg.height, depth_msg.width, depth_msg.step) == (h, w, 4 * w)
+    depth = np.frombuffer(depth_msg.data, np.float32).reshape(h, w)
     np.testing.assert_allclose(depth, ref, rtol=1e-4)
+    info = msgs["/compressed/depth/camera_info"]
+    W, H = calib.image_size
+    # K of the 1242 x 375 camera in pixels of the 320 x 96 depth: fx, fy by the size ratios,
+    # the principal point by the pixel-centre map (c + 0.5) s - 0.5 (hand-computed here).
+    sx, sy = w / W, h / H
+    K = calib.K
+    expect = [[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5], [0, 0, 1]]
+    assert (info.width, info.height) == (w, h) and info.header.stamp.sec == 120
+    np.testing.assert_allclose(np.array(info.k).reshape(3, 3), expect, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.array(info.p).reshape(3, 4)[:, :3], expect, rtol=1e-9, atol=1e-9)
     cloud = msgs["/compressed/points"]
     assert cloud.point_step == 16 and [f.name for f in cloud.fields] == ["x", "y", "z"]
-    assert cloud.header.frame_id == FRAME_ID and (cloud.height, cloud.width) == (H, W)
+    assert cloud.header.frame_id == FRAME_ID and (cloud.height, cloud.width) == (h, w)
+    pts = read_points(cloud)
+    z = pts["z"].astype(np.float64)
+    ok = np.isfinite(z)
+    v, u = np.mgrid[0:h, 0:w]
+    np.testing.assert_allclose(pts["x"][ok], ((u - expect[0][2]) / expect[0][0] * z)[ok], atol=1e-4)
 
 
 def test_params_file_keys_are_declared_by_the_running_node(setup):

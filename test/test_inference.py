@@ -158,3 +158,29 @@ def test_stopwatch_adds_repeated_stages_in_the_order_given():
             raise KeyError("c")
     assert list(watch.ms) == ["a", "b", "c"] and watch.ms["a"] == 1.5
     assert 20.0 <= watch.ms["b"] < 2000.0 and 0.0 <= watch.ms["c"] < 1000.0
+
+
+def test_a_batch_of_frames_of_several_sizes_equals_each_frame_alone(lite, frames):
+    """predict_batch (the multi-camera node's one model call): per frame the same maps as
+    predict, at each frame's own size or at the network size; the batch bound is enforced."""
+    model, cfg = lite
+    full, small = frames
+    crop = np.ascontiguousarray(full[:300, :900])
+    est = DepthEstimator(model, cfg, "cpu", input_size=NET, max_batch=3)
+    batch = est.predict_batch([full, small, crop])
+    assert [d.shape for d, _ in batch] == [full.shape[:2], NET, crop.shape[:2]]
+    for (d, u), rgb in zip(batch, (full, small, crop)):
+        d1, u1 = est.predict(rgb)
+        np.testing.assert_allclose(d, d1, rtol=1e-5)
+        np.testing.assert_allclose(u, u1, rtol=1e-4, atol=1e-6)
+        assert d.flags.c_contiguous and u.flags.c_contiguous
+    # The network size: no upsample; the maps are the full-size ones before their resize.
+    net = est.predict_batch([full, crop], full_size=False)
+    assert [d.shape for d, _ in net] == [NET, NET]
+    d_full = cv2.resize(net[0][0], full.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(d_full, batch[0][0], rtol=1e-5)
+    assert not np.allclose(net[0][0], net[1][0])  # two frames, two depth maps
+    with pytest.raises(ValueError, match="1..3"):
+        est.predict_batch([small] * 4)
+    with pytest.raises(ValueError, match="1..3"):
+        est.predict_batch([])
