@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command: nvidia-smi, the CUDA tests (test/test_cuda.py), then forward and
 # training speed of lite, r50 and diffsql_r50 (SD v1.5 size, random weights) at 192x640 in fp32,
-# bf16 and fp16, printed as one markdown table. Every stage is bounded (worst case ~7.8 min in
+# bf16 and fp16, printed as one markdown table, and one model serving 1, 2, 4 cameras. Every stage is bounded (worst case ~7.8 min in
 # all); a failed stage is reported and the next one still runs. Without CUDA it prints the plan
 # and exits 0.
 #
@@ -127,13 +127,14 @@ stage() {
 # The stages: name, time limit in seconds, command. Set once PY and the output folder are known.
 define_stages() {
   local out=$1
-  TESTS=("$PY" -m pytest test/test_cuda.py -q -p no:cacheprovider --junitxml "$out/test_cuda.xml")
+  TESTS=("$PY" -m pytest test/test_cuda.py test/test_runtimes_cuda.py -q -p no:cacheprovider --junitxml "$out/test_cuda.xml")
   # shellcheck disable=SC2206  # the preset and precision lists are meant to split
   SPEED=("$PY" bench/model_speed.py --device cuda --presets $PRESETS --precisions $PRECISIONS
     --height 192 --width 640 --runs 20 --threads "$(nproc)" --json "$out/model_speed.json")
   # shellcheck disable=SC2206
   TRAIN=("$PY" bench/train_step.py --device cuda --presets $PRESETS --precision $PRECISIONS
     --size 192x640 --batch 8 --steps 5 --json "$out/train_step.json")
+  MULTI=("$PY" bench/multi_camera.py --device cuda --precision bf16 --cameras 1 2 4 --runs 10)
   TABLE=("$PY" bench/gpu_table.py "$out/model_speed.json" "$out/train_step.json")
 }
 
@@ -142,8 +143,9 @@ plan() {
   echo "  1. (10 + 10 s) nvidia-smi --query-gpu=..., torch's view of the GPU"
   echo "  2. (170 s) ${TESTS[*]}"
   echo "  3. (120 s) ${SPEED[*]}"
-  echo "  4. (140 s) ${TRAIN[*]}"
-  echo "  5.         ${TABLE[*]} -> $1/table.md"
+  echo "  4. (120 s) ${TRAIN[*]}"
+  echo "  5. (40 s) ${MULTI[*]}"
+  echo "  6.         ${TABLE[*]} -> $1/table.md"
 }
 
 TORCH_GPU='import torch
@@ -171,7 +173,8 @@ main() {
   stage "torch's GPU" 10 "$PY" -c "$TORCH_GPU"
   stage "CUDA tests" 170 "${TESTS[@]}"
   stage "forward speed" 120 "${SPEED[@]}"
-  stage "training speed" 140 "${TRAIN[@]}"
+  stage "training speed" 120 "${TRAIN[@]}"
+  stage "multi-camera batching" 40 "${MULTI[@]}"
   echo
   echo "=== table"
   "${TABLE[@]}" | tee "$out/table.md"

@@ -12,6 +12,7 @@ batched / single-camera rate; the goal on a GPU is >= 0.7 N.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -26,7 +27,9 @@ from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import DepthEstimator  # noqa: E402
 from diffsql_model.presets import get_preset  # noqa: E402
 
-FRAMES = sorted((ROOT.parent / "shared/data/kitti/raw/2011_09_26/2011_09_26_drive_0001_sync/image_02/data").glob("*.png"))
+SHARED = pathlib.Path(os.environ.get("DIFFSQL_SHARED", ROOT.parent / "shared"))
+DRIVE = "2011_09_26/2011_09_26_drive_0023_sync"  # the frames bench/gpu_check.sh --pack carries
+FRAMES = sorted((SHARED / "data/kitti/raw" / DRIVE / "image_02/data").glob("*.png"))
 
 
 def rate(fn, frames: int, runs: int) -> float:

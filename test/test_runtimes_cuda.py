@@ -106,6 +106,8 @@ def test_compile_with_cuda_graphs_matches_eager_and_keeps_each_result():
     _check(second, refs[1], "fp32", MAX_ABS_FP32_M)
 
 
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnx", "onnxscript")),
+                    reason="needs onnxruntime, onnx and onnxscript (requirements.txt)")
 def test_onnxruntime_on_cuda_matches_eager(tmp_path):
     model, cfg = _model()
     rgb = _rgb()
