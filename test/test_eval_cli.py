@@ -239,6 +239,11 @@ def test_checkpoint_inference(kitti_shared_root, tmp_path):
     rc, res2 = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
                    "--predictions", tmp_path / "p.npz")
     assert rc == 0 and res2["metrics"] == pytest.approx(m, rel=1e-5)
+    # --runtime onnxruntime (the exported graph, run in batches of up to 2): the same scores
+    rc, res3 = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,
+                   "--checkpoint", tmp_path / "m.pt", "--device", "cpu", "--batch-size", "2",
+                   "--runtime", "onnxruntime")
+    assert rc == 0 and res3["metrics"] == pytest.approx(m, rel=1e-4)
     # a corrupt checkpoint is a clear error, not a traceback
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     rc, _ = run(tmp_path, "--protocol", "eigen", "--data", kitti_shared_root, "--split-file", split,

@@ -32,7 +32,7 @@ from diffsql_model.data.kitti import read_split_file
 from diffsql_model.data.network_input import to_tensor_resized
 from diffsql_model.device import resolve_device
 from diffsql_model.eval import metrics, protocols, scale_stability, sparsification
-from diffsql_model.inference import depth_maps, predict_depth
+from diffsql_model.runtimes import RUNTIMES, build_runtime
 
 TABLE = {"make3d": metrics.MAKE3D_COLUMNS}
 
@@ -82,29 +82,32 @@ def load_prediction_pairs(path: str | pathlib.Path, uncertainty: bool) -> list:
 
 
 class CheckpointNet:
-    """A checkpoint's network on `device`: B x 3 x h x w images in [0, 1] at its size
-    (cfg.height x cfg.width) -> B x h x w depth (inference.predict_depth); with `uncertainty`,
-    B (depth, uncertainty) pairs of h x w maps (inference.depth_maps, the same forward)."""
+    """A checkpoint's network on `device` in a runtime (runtimes.py: eager, compile, onnxruntime,
+    tensorrt): B x 3 x h x w images in [0, 1] at its size (cfg.height x cfg.width), B <=
+    max_batch -> B x h x w depth; with `uncertainty`, B (depth, uncertainty) pairs of h x w maps
+    (one forward gives both)."""
 
-    def __init__(self, checkpoint, device: str, sd_path=None, uncertainty: bool = False):
+    def __init__(self, checkpoint, device: str, sd_path=None, uncertainty: bool = False,
+                 runtime: str = "eager", max_batch: int = 8):
         self.device = resolve_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device, sd_path=sd_path)
         self.uncertainty = uncertainty
+        self.runtime = build_runtime(self.model, runtime, (self.cfg.height, self.cfg.width), "fp32",
+                                     self.device, max_batch=max(1, max_batch))
 
     def __call__(self, images):
-        if not self.uncertainty:
-            return predict_depth(self.model, images, device=self.device)
-        maps = depth_maps(self.model, images.to(self.device), uncertainty=True).cpu().numpy()  # B x 2 x h x w
-        return [(m[0], m[1]) for m in maps]
+        maps = self.runtime(images.to(self.device)).cpu().numpy()  # B x 2 x h x w: depth, uncertainty
+        return [(m[0], m[1]) for m in maps] if self.uncertainty else maps[:, 0]
 
 
 class ModelPredictions:
     """Lazy, batched predictions of a checkpoint: `[i]` runs the batch holding frame i once.
     Images get the training resize (bilinear, antialiased) to the network size."""
 
-    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None, uncertainty: bool = False):
+    def __init__(self, frames, checkpoint, device: str, batch_size: int, sd_path=None, uncertainty: bool = False,
+                 runtime: str = "eager"):
         self.frames, self.batch_size = frames, max(1, batch_size)
-        self.net = CheckpointNet(checkpoint, device, sd_path, uncertainty)
+        self.net = CheckpointNet(checkpoint, device, sd_path, uncertainty, runtime, self.batch_size)
         self._cache = {}
 
     def __len__(self):
@@ -178,6 +181,8 @@ def parse_args(argv=None):
     ap.add_argument("--sd-path", type=pathlib.Path,
                     help="local SD folder, for checkpoints without the frozen SD weights (default: as trained)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--runtime", choices=RUNTIMES, default="eager",
+                    help="inference runtime (runtimes.py); outputs match eager within its tested tolerance")
     ap.add_argument("--uncertainty", action="store_true",
                     help="also score the uncertainty by sparsification (AUSE, AURG); with --predictions "
                     "the .npz needs an array 'uncertainty'")
@@ -200,7 +205,7 @@ def evaluate(args) -> dict:
         details["predictions"] = str(args.predictions)
     else:
         preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size,
-                                 getattr(args, "sd_path", None), unc)
+                                 getattr(args, "sd_path", None), unc, getattr(args, "runtime", "eager"))
         details["checkpoint"] = str(args.checkpoint)
     return protocols.run_evaluation(frames, preds, cfg, **details)
 
@@ -220,7 +225,8 @@ def _evaluate_bag(args, cfg) -> dict:
     if args.predictions:
         preds, size = load_prediction_pairs(args.predictions, unc), (192, 640)
     else:
-        net = CheckpointNet(args.checkpoint, args.device, getattr(args, "sd_path", None), unc)
+        net = CheckpointNet(args.checkpoint, args.device, getattr(args, "sd_path", None), unc,
+                            getattr(args, "runtime", "eager"), 1)
         size = (net.cfg.height, net.cfg.width)
     ds = BagDataset(args.data, size[0], size[1], frame_ids=(0,), image_topic=args.image_topic,
                     lidar_topic=lidar_topic, T_lidar_to_cam=parse_extrinsic(getattr(args, "extrinsic", None)),
