@@ -365,7 +365,7 @@ def test_lite_learns_depth_on_synthetic_drives(tmp_path, mode):
     for s in sets:
         args += ["--set", s]
     t0 = time.time()
-    run_cli(*args, env_extra={"OMP_NUM_THREADS": "2"}, timeout=3000)
+    run_cli(*args, env_extra={"OMP_NUM_THREADS": "2"}, timeout=7200)
     seconds = time.time() - t0
     model, _ = load_model(tmp_path / "run" / "last.pt")
     trained = validate(model, val_set, torch.device("cpu"), crop="none")
@@ -382,8 +382,8 @@ def test_lite_learns_depth_on_synthetic_drives(tmp_path, mode):
 def test_monocular_learns_on_a_held_out_world(tmp_path):
     """Issue 11's target on a world nothing was tuned on (heldout_downtown): `diffsql-train` with
     config/train/synthetic_m.yaml (M: PoseNet, no ImageNet, 64x192, batch 4) reaches AbsRel <= 0.25
-    on a training drive and <= 0.30 on a held-out drive. Measured with bench/mono_learning.py on
-    the same data: 0.223 / 0.279 at step 500."""
+    on a training drive and <= 0.30 on a held-out drive, after the lr decay (epoch 10, step ~2160).
+    Measured with bench/mono_learning.py on the same data: 0.201 / 0.203 at step 2250."""
     from diffsql_model.data.kitti import KittiRawDataset
     from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, write_split
     from diffsql_model.train.datasets import WithDepthPng
@@ -399,7 +399,7 @@ def test_monocular_learns_on_a_held_out_world(tmp_path):
             "--set", f"optim.max_steps={MONO_WORLD_STEPS}", "--set", "runtime.progress=false"]
     for s in sets:
         args += ["--set", s]
-    run_cli(*args, env_extra={"OMP_NUM_THREADS": "2"}, timeout=3000)
+    run_cli(*args, env_extra={"OMP_NUM_THREADS": "2"}, timeout=7200)
     model, cfg = load_model(tmp_path / "run" / "last.pt")
 
     def abs_rel(split):
@@ -413,7 +413,8 @@ def test_monocular_learns_on_a_held_out_world(tmp_path):
     assert train_drive <= 0.25 and held_out <= 0.30
 
 
-# bench/mono_learning.py met the target from step 500 (0.221 / 0.271 at 750); this test's own
-# run (2 threads, validation every 250 steps) gave 0.246 / 0.311 at 750: it fails the held-out
-# bound, the target is not yet met robustly (issue 11 open).
-MONO_WORLD_STEPS = 750
+# At constant lr this test's own run gave 0.246 / 0.311 at step 750 (the benchmark 0.221 / 0.271)
+# and the benchmark's training-drive score wandered up to 0.304 by step 2000; after the decay at
+# step ~2160 the benchmark gave 0.201 / 0.203 at step 2250. This test at 2500 steps has not been
+# run yet (about an hour of both cores).
+MONO_WORLD_STEPS = 2500
