@@ -207,15 +207,17 @@ def node_env():
 class Receiver:
     """Subscribes every output of the node (and /diagnostics) on its own executor thread."""
 
-    def __init__(self):
+    def __init__(self, topics=None, name="depth_test_receiver"):
+        """topics: {topic: message type}; default: the node's outputs and the compressed node's."""
+        topics = topics or {**TOPICS, **COMPRESSED_TOPICS}
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
-        self.node = rclpy.create_node("depth_test_receiver", context=self.ctx)
+        self.node = rclpy.create_node(name, context=self.ctx)
         self.lock = threading.Lock()
-        self.msgs = {t: [] for t in {**TOPICS, **COMPRESSED_TOPICS}}
+        self.msgs = {t: [] for t in topics}
         self.arrival = {t: [] for t in self.msgs}
         self.diagnostics = []
-        for topic, typ in {**TOPICS, **COMPRESSED_TOPICS}.items():
+        for topic, typ in topics.items():
             self.node.create_subscription(typ, topic, lambda m, t=topic: self._store(t, m), QoSProfile(depth=10))
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._diag, QoSProfile(depth=10))
         self.executor = SingleThreadedExecutor(context=self.ctx)

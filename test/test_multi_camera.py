@@ -86,9 +86,6 @@ rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
 import cv2  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.qos import QoSProfile  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
 from diffsql_model.checkpoint import load_model  # noqa: E402
@@ -109,24 +106,8 @@ class MultiReceiver(Receiver):
     """Every camera's depth, depth/camera_info and points, and the node's per-camera diagnostics."""
 
     def __init__(self):
-        self.ctx = rclpy.Context()
-        rclpy.init(context=self.ctx)
-        self.node = rclpy.create_node("multi_camera_receiver", context=self.ctx)
-        import threading
-
-        self.lock = threading.Lock()
         types = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2}
-        self.msgs = {f"/{c}/{t}": [] for c in CAMERAS for t in types}
-        self.arrival = {t: [] for t in self.msgs}
-        self.diagnostics = []
-        for topic in self.msgs:
-            typ = types[topic.split("/", 2)[2]]
-            self.node.create_subscription(typ, topic, lambda m, t=topic: self._store(t, m), QoSProfile(depth=10))
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._diag, QoSProfile(depth=10))
-        self.executor = SingleThreadedExecutor(context=self.ctx)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        super().__init__({f"/{c}/{t}": typ for c in CAMERAS for t, typ in types.items()}, "multi_camera_receiver")
 
     def _diag(self, msg):
         with self.lock:
