@@ -1,7 +1,8 @@
 """Model -> depth, written once: `depth_maps` (runtimes.py, re-exported here) runs the network
 (gradients off, the run precision) for every caller; `predict_depth` is its batch form for
-evaluation and validation; `DepthEstimator` its single-frame form for the ROS node and the demos
-(uint8 RGB frame in, depth + uncertainty at the frame's size out). Both take a runtime (eager,
+evaluation and validation; `DepthEstimator` its camera-frame form for the ROS node and the demos
+(uint8 RGB frames in, one or a batch of up to max_batch cameras; depth + uncertainty at each
+frame's size, or the network's, out). Both take a runtime (eager,
 compile, onnxruntime, tensorrt: runtimes.py). Knows nothing about ROS.
 
 The estimator allocates the network input once per input size and reuses it, so a camera stream
@@ -64,7 +65,7 @@ class DepthEstimator:
     keeps IEEE fp32 for both. No effect on CPU or older GPUs (`self.tf32` says what applies).
 
     runtime: eager (default), compile, onnxruntime or tensorrt (runtimes.py), built here for the
-    network size at batch 1; onnxruntime / tensorrt keep their export / engines in `cache_dir`
+    network size and batches 1..max_batch; onnxruntime / tensorrt keep their export / engines in `cache_dir`
     (default runtimes.default_cache_dir()). compile compiles at the first frame: call warmup()."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: str = "cpu", precision: str = "fp32",
