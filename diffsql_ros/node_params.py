@@ -73,7 +73,12 @@ PARAMETERS = (
     Param("scale.camera_height", _SCALE.camera_height, "metres from the camera centre to the ground", range=(0.01, 100.0, 0.0)),
     Param("scale.ground_fraction", _SCALE.ground_fraction, "lower fraction of the image searched for the ground plane",
           range=(0.05, 1.0, 0.0)),
-    Param("scale.smoothing", _SCALE.smoothing, "weight of the previous scale (log-space EMA)", range=(0.0, 0.999, 0.0)),
+    Param("scale.process_noise", _SCALE.process_noise, "camera_height: how far log(scale) may drift per frame "
+          "(Kalman filter of the ground fits); smaller = steadier, slower to follow", range=(0.0, 0.999, 0.0)),
+    Param("scale.gate", _SCALE.gate, "camera_height: drop a ground fit this many sigmas off the filtered scale; 0 = keep all",
+          range=(0.0, 100.0, 0.0)),
+    Param("scale.max_gated", _SCALE.max_gated, "camera_height: this many dropped fits in a row restart the filter at "
+          "their median (a genuine step)", range=(1, 1000, 1)),
     Param("points.decimation", 1, "keep every n-th row and column of the cloud", range=(1, 16, 1)),
     Param("points.min_range", 0.0, "metres: closer points are NaN", range=(0.0, 1000.0, 0.0)),
     Param("points.max_range", 80.0, "metres: farther points are NaN", range=(0.0, 10000.0, 0.0)),
