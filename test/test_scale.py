@@ -75,7 +75,7 @@ def test_fixed_stereo_relative_modes_and_config_errors():
         ScaleConfig.from_dict({"mode": "camera_height", "process_noise": -0.1})
     with pytest.raises(ConfigError, match="max_gated"):
         ScaleConfig(mode="camera_height", max_gated=0)
-    with pytest.raises(ConfigError, match="smoothing"):  # the EMA's parameter is gone: an old file says so
+    with pytest.raises(ConfigError, match="smoothing"):  # the EMA is gone: a ScaleConfig dict still setting it fails by name
         ScaleConfig.from_dict({"mode": "camera_height", "smoothing": 0.9})
 
 
