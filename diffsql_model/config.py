@@ -10,6 +10,9 @@ BACKBONES = ("resnet18", "resnet50")
 QUERY_MODES = ("none", "fixed", "dynamic")
 SD_LAYERS = ("mid0", "up1", "up0")
 SD_ARCHS = ("v1.5", "tiny")
+# `bins`: std of Eq. 10's bin distribution (training-free); `head`: a trained log-uncertainty
+# head (uncertainty.py), trained by self-teaching (loss.uncertainty_teacher).
+UNCERTAINTY_SOURCES = ("bins", "head")
 
 
 @dataclasses.dataclass
@@ -64,6 +67,7 @@ class ModelConfig(YamlConfig):
     query_mode: str = "dynamic"
     min_depth: float = 0.1
     max_depth: float = 80.0
+    uncertainty: str = "bins"  # UNCERTAINTY_SOURCES: what the "uncertainty" output is
     sd: SDConfig = dataclasses.field(default_factory=SDConfig)
 
     def __post_init__(self):
@@ -71,6 +75,8 @@ class ModelConfig(YamlConfig):
             raise ConfigError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.query_mode not in QUERY_MODES:
             raise ConfigError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
+        if self.uncertainty not in UNCERTAINTY_SOURCES:
+            raise ConfigError(f"uncertainty must be one of {UNCERTAINTY_SOURCES}, got {self.uncertainty!r}")
         if not 0 < self.min_depth < self.max_depth:
             raise ConfigError(f"need 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
         if self.height % 32 or self.width % 32:

@@ -9,11 +9,13 @@ from .config import ModelConfig
 from .decoder import UNetDecoder
 from .encoder import ResNetEncoder
 from .query_layer import DynamicSelfQueryLayer
+from .uncertainty import UncertaintyHead, depth_std
 
 
 class DiffSQLDepth(nn.Module):
     """forward(image B x 3 x H x W in [0, 1]) -> {"depth", "uncertainty"} (B x 1 x H x W, metres
-    up to the model's scale) and "bin_centers" (B x D). Sides need not be multiples of 32: the
+    up to the model's scale; uncertainty a std: cfg.uncertainty says whose), "bin_centers" (B x D)
+    and, with the trained head, "log_b" (B x 1 x H x W, uncertainty.py). Sides need not be multiples of 32: the
     image is padded inside and the outputs cropped back.
 
     `sd_device` / `precision`: where and in which run precision the (frozen) SD modules are
@@ -36,6 +38,7 @@ class DiffSQLDepth(nn.Module):
         self.query_layer = DynamicSelfQueryLayer(
             cfg.model_dim, cfg.num_queries, cfg.num_bins, cfg.min_depth, cfg.max_depth,
             query_mode=cfg.query_mode, token_channels=token_channels, patch_size=cfg.patch_size)
+        self.uncertainty_head = UncertaintyHead(cfg.model_dim) if cfg.uncertainty == "head" else None
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, device=None, precision: str = "fp32",
@@ -59,6 +62,12 @@ class DiffSQLDepth(nn.Module):
         size = image.shape[-2:]
         # Bilinear weights are convex, so upsampled depth stays inside [min_depth, max_depth].
         depth = F.interpolate(out["depth"], size=size, mode="bilinear", align_corners=False)
-        unc = F.interpolate(out["uncertainty"], size=size, mode="bilinear", align_corners=False)
-        return {"depth": depth[..., :H, :W], "uncertainty": unc[..., :H, :W],
-                "bin_centers": out["bin_centers"]}
+        result = {"bin_centers": out["bin_centers"]}
+        if self.uncertainty_head is not None:
+            log_b = F.interpolate(self.uncertainty_head(S), size=size, mode="bilinear", align_corners=False)
+            unc = depth_std(depth, log_b)
+            result["log_b"] = log_b[..., :H, :W]
+        else:
+            unc = F.interpolate(out["uncertainty"], size=size, mode="bilinear", align_corners=False)
+        result.update(depth=depth[..., :H, :W], uncertainty=unc[..., :H, :W])
+        return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Union
+from typing import Optional, Union
 
 import kornia
 import torch
@@ -105,6 +105,10 @@ class LossConfig(YamlConfig):
     # worlds (bench/mono_learning.py, docs/benchmarks.md): without it M collapsed to constant depth.
     scale_anchor: float = 0.1
     scale_anchor_depth: float = 10.0  # metres: inside the bins' range, not a claim of metric scale
+    # Self-teaching of the uncertainty head (model.uncertainty: head, uncertainty.py): a trained
+    # checkpoint whose depth is the head's target, and the weight of laplacian_nll in the loss.
+    uncertainty_teacher: Optional[str] = None
+    uncertainty_weight: float = 1.0
 
     def __post_init__(self):
         if self.depth_normalization not in ("auto", "on", "off"):
@@ -116,8 +120,16 @@ class LossConfig(YamlConfig):
             raise ConfigError(f"loss.smoothness must be >= 0, got {self.smoothness}")
         if self.scale_anchor < 0 or self.scale_anchor_depth <= 0:
             raise ConfigError("loss.scale_anchor must be >= 0 and loss.scale_anchor_depth > 0")
+        if self.uncertainty_weight <= 0:
+            raise ConfigError(f"loss.uncertainty_weight must be > 0, got {self.uncertainty_weight}")
         if not self.scales or any(s < 0 for s in self.scales):
             raise ConfigError(f"loss.scales must be a non-empty list of scales >= 0, got {self.scales}")
+
+
+def laplacian_nll(log_depth: torch.Tensor, log_target: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood (up to log 2) of log_target under Laplace(log_depth, b):
+    |log_target - log_depth| / b + log b, all B x 1 x H x W. Minimised per pixel at b = |residual|."""
+    return ((log_target - log_depth).abs() * torch.exp(-log_b) + log_b).mean()
 
 
 class SelfSupervisedLoss:

@@ -186,15 +186,18 @@ COMPRESSED_TOPICS = {"/compressed/depth": Image, "/compressed/depth/camera_info"
                      "/compressed/points": PointCloud2}
 
 
-def make_checkpoint(path: pathlib.Path) -> pathlib.Path:
-    """Lite model, random weights; the query layer amplified so depth varies across the image."""
+def make_checkpoint(path: pathlib.Path, uncertainty: str = "bins") -> pathlib.Path:
+    """Lite model, random weights; the query layer amplified so depth varies across the image.
+    uncertainty "head": the trained-uncertainty head, its last layer drawn so its std varies."""
     torch.manual_seed(0)
-    cfg = get_preset("lite", height=NET[0], width=NET[1])
+    cfg = get_preset("lite", height=NET[0], width=NET[1], uncertainty=uncertainty)
     model = DiffSQLDepth(cfg)
     with torch.no_grad():  # x3 (LayerNorms kept): depth spans ~20-55 m; x10 saturates the softmax
         for name, p in model.query_layer.named_parameters():
             if not name.startswith("norm_"):
                 p.mul_(3.0)
+        if model.uncertainty_head is not None:
+            torch.nn.init.normal_(model.uncertainty_head.net[-1].weight, std=1.0)
     return save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict()})
 
 
@@ -342,7 +345,9 @@ def _rss_mb(pid) -> float:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("depth_node")
-    ckpt = make_checkpoint(tmp / "lite.pt")
+    # The main node publishes the trained head's uncertainty, the compressed one the bins' std.
+    ckpt = make_checkpoint(tmp / "lite_head.pt", uncertainty="head")
+    ckpt_bins = make_checkpoint(tmp / "lite.pt")
     # Thresholds from the model's own depth on frame 0, so range and uncertainty masks both bite.
     model, cfg = load_model(ckpt, "cpu")
     rgb0 = cv2.imread(str(FRAMES[0]))[..., ::-1].copy()
@@ -363,7 +368,7 @@ def setup(tmp_path_factory):
     log_c = open(tmp / "node_compressed.log", "w")
     node_c = subprocess.Popen(
         [str(CONSOLE_SCRIPT), "--ros-args", "-r", "__ns:=/compressed", "--params-file", str(PARAMS_FILE),
-         "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
+         "-p", f"checkpoint:={ckpt_bins}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
          "-p", "image_transport:=compressed", "-p", "input_qos:=reliable", "-p", "output_resolution:=network"],
         stdout=log_c, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     receiver = Receiver()

@@ -30,14 +30,16 @@ NET = (64, 128)
 TOL_M = 1e-3
 
 
-def _model(preset: str, seed: int = 0):
+def _model(preset: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    cfg = get_preset(preset, height=NET[0], width=NET[1])
+    cfg = get_preset(preset, height=NET[0], width=NET[1], **overrides)
     model = DiffSQLDepth(cfg).eval()
     with torch.no_grad():  # as the node test's checkpoint: depth varies across the image
         for name, p in model.query_layer.named_parameters():
             if not name.startswith("norm_"):
                 p.mul_(3.0)
+        if model.uncertainty_head is not None:  # a head whose std varies over the image
+            torch.nn.init.normal_(model.uncertainty_head.net[-1].weight, std=1.0)
     return model, cfg
 
 
@@ -75,6 +77,14 @@ def test_onnxruntime_matches_eager_and_the_second_start_loads_the_cache(lite, fr
     assert again.runtime.from_cache and again.runtime.cache_path == est.runtime.cache_path
     np.testing.assert_array_equal(again.predict(frame)[0], depth)
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temporary folder left
+
+
+def test_onnxruntime_exports_the_trained_uncertainty_head(frame, tmp_path):
+    model, cfg = _model("lite", uncertainty="head")
+    _, depth = _matches_eager(model, cfg, frame, "onnxruntime", tmp_path)
+    unc = DepthEstimator(model, cfg).predict(frame)[1]
+    rel = unc / depth
+    assert rel.max() / rel.min() > 1.5  # the head's std, not a constant multiple of depth
 
 
 def test_cache_key_follows_weights_size_and_precision(lite):

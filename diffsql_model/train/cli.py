@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..yaml_config import ConfigError
-from .config import TrainConfig, resolve_model_config
+from .config import TrainConfig, check_uncertainty_training, resolve_model_config
 from .distributed import init_from_env, shutdown
 from .trainer import Trainer
 
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = TrainConfig.load_yaml(args.config).with_overrides(args.overrides)
-        resolve_model_config(cfg.model)  # model errors (e.g. SD without weights) before any data
+        # model errors (e.g. SD without weights) before any data
+        check_uncertainty_training(cfg, resolve_model_config(cfg.model))
     except ConfigError as e:
         print(f"diffsql-train: config error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ Adam lr 1e-4, lr x0.1 after 15 epochs, frames (0, -1, +1), frozen SD features.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Optional
 
 import yaml
@@ -171,3 +172,16 @@ def resolve_model_config(section: ModelSection) -> ModelConfig:
             raise ConfigError(f"model.overrides on preset {section.preset!r}: {e}") from None
     check_sd_weights(cfg.sd)
     return cfg
+
+
+def check_uncertainty_training(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """The trained uncertainty head and its teacher go together (uncertainty.py), checked at load."""
+    teacher = cfg.loss.uncertainty_teacher
+    if model_cfg.uncertainty == "head" and not teacher:
+        raise ConfigError("model.uncertainty: head is trained by self-teaching: set loss.uncertainty_teacher "
+                          "to a trained checkpoint of this recipe (trained with another runtime.seed)")
+    if teacher and model_cfg.uncertainty != "head":
+        raise ConfigError("loss.uncertainty_teacher is set but model.uncertainty is "
+                          f"{model_cfg.uncertainty!r}: set model.uncertainty=head to train the head")
+    if teacher and not pathlib.Path(teacher).expanduser().is_file():
+        raise ConfigError(f"loss.uncertainty_teacher: no checkpoint file at {teacher}")

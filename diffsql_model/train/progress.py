@@ -92,7 +92,7 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}",
                                  wait=f"{self.waited / max(self.total, 1e-9):.0%}")
         w.add_scalar("train/loss", loss, step)
-        for key in ("photometric", "smoothness", "automask_fraction", "mean_depth"):
+        for key in ("photometric", "smoothness", "automask_fraction", "mean_depth", "uncertainty_nll"):
             if key in losses:
                 w.add_scalar(f"train/{key}", float(losses[key]), step)
         w.add_scalar("train/lr", self.t.optimizer.param_groups[0]["lr"], step)

@@ -17,14 +17,14 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import (CheckpointError, load_checkpoint, load_model_state, load_state_strict,
+from ..checkpoint import (CheckpointError, load_checkpoint, load_model, load_model_state, load_state_strict,
                           model_state, save_checkpoint)
 from ..depth_net import DiffSQLDepth
 from ..device import PRECISIONS
 from ..device import resolve_device as inference_device
-from ..losses import SelfSupervisedLoss
+from ..losses import SelfSupervisedLoss, laplacian_nll
 from ..pose_net import PoseNet, relative_pose
-from .config import TrainConfig, resolve_model_config
+from .config import TrainConfig, check_uncertainty_training, resolve_model_config
 from .datasets import build_datasets
 from .distributed import DistContext, ResumableSampler, all_reduce_max, barrier, wrap_ddp
 from .pose_validation import PoseValidationSet, validate_pose
@@ -57,6 +57,7 @@ class Trainer:
             raise ValueError("runtime.precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
         self.autocast_dtype = None if cfg.runtime.precision == "fp32" else PRECISIONS[cfg.runtime.precision]
         self.model_cfg = resolve_model_config(cfg.model)
+        check_uncertainty_training(cfg, self.model_cfg)
         self.frame_ids = cfg.data.frame_ids
         self._build_networks()
         self._build_optimizer()
@@ -86,6 +87,9 @@ class Trainer:
         seed_everything(cfg.runtime.seed)
         self.model = DiffSQLDepth.from_config(self.model_cfg, device=self.device,
                                  precision=cfg.runtime.precision).to(self.device)
+        self.teacher = None  # frozen, for the uncertainty head's self-teaching (uncertainty.py)
+        if cfg.loss.uncertainty_teacher:
+            self.teacher = load_model(cfg.loss.uncertainty_teacher, self.device)[0].requires_grad_(False)
         self.pose_net = None
         if cfg.data.temporal_ids:
             self.pose_net = PoseNet(cfg.model.pose_layers, cfg.model.pose_weights).to(self.device)
@@ -197,7 +201,20 @@ class Trainer:
         # The loss runs in fp32: SSIM on bf16 images loses the small differences it measures.
         losses = self.loss_fn(batch[("color", 0)], sources, outputs["depth"].float(),
                               batch["K"], batch["inv_K"], poses)
+        if self.teacher is not None:
+            nll = self._uncertainty_nll(batch[("color_aug", 0)], outputs)
+            losses["uncertainty_nll"] = nll.detach()
+            losses["loss"] = losses["loss"] + self.cfg.loss.uncertainty_weight * nll
         return outputs, losses
+
+    def _uncertainty_nll(self, image: torch.Tensor, outputs: dict) -> torch.Tensor:
+        """Self-teaching NLL of the teacher's log depth; both logs centred per image, so an M
+        teacher's free scale is no error. The depth is detached: it trains the head only."""
+        with torch.no_grad():
+            t = self.teacher(image)["depth"].float().log()
+        s = outputs["depth"].detach().float().log()
+        centre = lambda x: x - x.mean(dim=(2, 3), keepdim=True)  # noqa: E731
+        return laplacian_nll(centre(s), centre(t), outputs["log_b"].float())
 
     def train_step(self, batch: dict) -> tuple[dict, dict, float, float]:
         """One optimisation step; returns (outputs, losses, forward seconds, backward seconds).
