@@ -54,7 +54,7 @@ class DepthEvaluator(Node):
         self.scoring_s = 0.0
 
     # -- wiring -------------------------------------------------------------------------------
-    def _qos_for(self, topic: str) -> Optional[QoSProfile]:
+    def qos_for(self, topic: str) -> Optional[QoSProfile]:
         """QoS compatible with the topic's publisher (best effort or reliable), None if absent."""
         infos = self.get_publishers_info_by_topic(topic)
         if not infos:
@@ -74,7 +74,7 @@ class DepthEvaluator(Node):
                 raise RuntimeError("the depth node exited before publishing 'depth'")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no publisher on {topic} after {timeout_s:.0f} s")
-            qos = self._qos_for(topic)
+            qos = self.qos_for(topic)
             if qos is None:
                 time.sleep(0.05)
         self._subs.append(self.create_subscription(Image, topic, self._on_depth, qos))
@@ -86,16 +86,23 @@ class DepthEvaluator(Node):
             self.samples = {s: Sample() for s in stamps}
         for suffix, cb, typ in (("depth/uncertainty", self._on_uncertainty, Image),
                                 ("points", self._on_points, PointCloud2)):
-            topic = f"{self.ns}/{suffix}"
-            deadline = time.monotonic() + timeout_s
-            while (q := self._qos_for(topic)) is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            sub = self.create_subscription(typ, topic, cb, q or QoSProfile(depth=10))
-            self._subs.append(sub)
-            # The node only computes outputs someone subscribes to: wait until it sees us.
-            while sub.get_publisher_count() == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            self.subscribe_to_node(typ, f"{self.ns}/{suffix}", cb, time.monotonic() + timeout_s)
         time.sleep(0.3)  # discovery is two-sided: give the node's publishers time to match us
+
+    def subscribe_to_node(self, msg_type, topic: str, callback, deadline: float,
+                          required: Optional[str] = None):
+        """Subscribe to the node's `topic` with its publisher's QoS, waiting until `deadline`
+        (monotonic) for the publisher, then for the match: the node only computes outputs someone
+        subscribes to. `required`: the error raised when nothing publishes the topic."""
+        while (qos := self.qos_for(topic)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if qos is None and required:
+            raise RuntimeError(required)
+        sub = self.create_subscription(msg_type, topic, callback, qos or QoSProfile(depth=10))
+        self._subs.append(sub)
+        while sub.get_publisher_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return sub
 
     # -- callbacks ----------------------------------------------------------------------------
     def _on_depth(self, msg: Image) -> None:

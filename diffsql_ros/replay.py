@@ -3,7 +3,7 @@ rclpy side (player and evaluator nodes on their own executor) and the passes tha
 
 `replay_session` owns the node process, the rclpy context and the executor: leaving its block
 stops all three, whatever happened inside. diffsql-bag-eval (bag_eval.py) scores what comes back;
-with `uncertainty`, an UncertaintyScorer also pairs each frame's depth with its
+with `uncertainty`, an UncertaintyScorer (uncertainty_scorer.py) also pairs each frame's depth with its
 depth/uncertainty in the main pass and scores the pair by sparsification.
 """
 from __future__ import annotations
@@ -18,16 +18,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator, Optional
-
-import numpy as np
+from typing import Iterator, Optional
 
 from diffsql_model.data.bag_reader import decode_image
-from diffsql_model.data.image_msgs import image_to_array
-from diffsql_model.data.pairing import stamp_ns
-from diffsql_model.eval import protocols
 from diffsql_ros.bag_player import BagTopics, Player, ReplayFrame, schedule, stream_images
 from diffsql_ros.dds_profile import PROFILE, shm_only
+from diffsql_ros.uncertainty_scorer import UncertaintyScorer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,72 +143,6 @@ class NodeProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
-
-
-class UncertaintyScorer:
-    """--uncertainty: the node's `depth` and `depth/uncertainty` of each stamp, paired and scored
-    with the protocol code (its own protocols.Accumulator: the evaluator keeps the depth metrics).
-    Its subscriptions live on the evaluator node, whose callbacks run one at a time: the ground
-    truth is never read from two threads. Stamps are scored once (the sample pass repeats some)."""
-
-    MAX_PENDING = 64  # frames whose second map never came (dropped) are forgotten
-
-    def __init__(self, gt_for_stamp: Callable[[int], tuple], cfg: protocols.EvalConfig):
-        self.gt_for_stamp = gt_for_stamp
-        self.acc = protocols.Accumulator(cfg)
-        self.pending: dict[int, dict] = {}  # stamp -> {"depth": H x W, "uncertainty": H x W}
-        self.done: set[int] = set()  # stamps scored (or without ground truth)
-        self.errors: list[str] = []
-        self._cond = threading.Condition()
-
-    def subscribe(self, evaluator, image_type, timeout_s: float) -> None:
-        """Subscribe to both maps where the node publishes them, and wait until the node sees us
-        (it computes only the outputs someone subscribes to)."""
-        for suffix in ("depth", "depth/uncertainty"):
-            topic = f"{evaluator.ns}/{suffix}"
-            deadline = time.monotonic() + timeout_s
-            while (qos := evaluator._qos_for(topic)) is None and time.monotonic() < deadline:
-                time.sleep(0.05)  # the QoS of the node's own publisher (DepthEvaluator's rule)
-            if qos is None:
-                raise RuntimeError(f"--uncertainty: nothing publishes {topic} (publish.uncertainty false?)")
-            sub = evaluator.create_subscription(image_type, topic, lambda m, k=suffix: self._on_map(k, m), qos)
-            while sub.get_publisher_count() == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-        time.sleep(0.3)  # discovery is two-sided: give the node's publishers time to match us
-
-    def _on_map(self, kind: str, msg) -> None:
-        stamp = stamp_ns(msg.header)
-        if stamp in self.done:
-            return
-        maps = self.pending.setdefault(stamp, {})
-        maps[kind] = np.array(image_to_array(msg), dtype=np.float32)  # copy: msg.data is reused
-        while len(self.pending) > self.MAX_PENDING:
-            self.pending.pop(min(self.pending))
-        if len(maps) < 2:
-            return
-        del self.pending[stamp]
-        try:
-            gt, _ = self.gt_for_stamp(stamp)
-            if gt is not None:  # frames without a scan: the evaluator lists them as missing
-                self.acc.add(f"{stamp / 1e9:.6f}", gt, maps["depth"], maps["depth/uncertainty"])
-        except Exception as e:  # one bad frame must not stop the run; it is reported
-            self.errors.append(f"uncertainty, stamp {stamp}: {e}")
-        finally:
-            with self._cond:  # done once scored: wait_for (the replay's thread) reads it
-                self.done.add(stamp)
-                self._cond.notify_all()
-
-    def wait_for(self, stamps, timeout_s: float, alive=lambda: True) -> None:
-        """Until every stamp in `stamps` was scored, the timeout passed or the node died."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while not set(stamps) <= self.done and time.monotonic() < deadline and alive():
-                self._cond.wait(0.1)
-
-    def result(self) -> dict:
-        """{"uncertainty": mean_over_frames (absent without frames), "per_frame", "errors"}."""
-        r = self.acc.result()
-        return {"uncertainty": r.get("uncertainty"), "per_frame": r["per_frame"], "errors": self.errors}
 
 
 @dataclasses.dataclass

@@ -92,7 +92,9 @@ def test_replay_scores_equal_diffsql_eval_bag_protocol(work, bag_eval):
     # scale stability of the frames in stamp order, for the node's scale.mode (depth.yaml: relative)
     assert got["scale_mode"] == "relative" and "scale stability (scale.mode relative)" in res.stdout
     assert got["scale_stability"].pop("scale_mode") == "relative"
-    assert got["scale_stability"] == pytest.approx(ref["scale_stability"], rel=1e-5)
+    # abs: the changes are differences of ratios near 1 (1e-7 apart when the node and this process
+    # sum convolutions in another order, e.g. with other thread counts)
+    assert got["scale_stability"] == pytest.approx(ref["scale_stability"], rel=1e-5, abs=1e-6)
     assert len(got["latencies_ms"]) == 4 and got["latency_ms"]["max"] == pytest.approx(max(got["latencies_ms"]))
     assert got["topics"]["lidar"] == "/lidar/points" and got["extrinsic_source"].startswith("/tf_static")
     lat = got["latency_ms"]
@@ -134,6 +136,7 @@ def test_fixed_scale_mode_halves_the_needed_scale_not_its_stability(work, bag_ev
     assert res.returncode == 0, res.stderr + res.stdout
     got = json.loads((work / "fixed.json").read_text())
     assert got["scale_mode"] == "fixed" and "uncertainty" not in got
+    assert got["frames_evaluated"] == ref["n_frames"] == 4, (got["frames_dropped"], got["errors"], res.stdout[-1500:])
     assert [f["needed_scale"] for f in got["per_frame"]] == pytest.approx(
         [f["needed_scale"] * 2 for f in ref["per_frame"]], rel=1e-5)
     for k in ("ratio_cv", "median_change", "max_change"):
