@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -41,6 +42,12 @@ from diffsql_model.depth_net import DiffSQLDepth  # noqa: E402
 from diffsql_model.inference import cuda_math_mode  # noqa: E402
 from diffsql_model.presets import PRESETS, get_preset  # noqa: E402
 from diffsql_model.runtimes import RUNTIMES, RuntimeUnavailable, build_runtime, depth_maps  # noqa: E402
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")  # glibc: malloc_trim
+except OSError:
+    _LIBC = None
 
 
 def _status_kb(key: str) -> int:
@@ -64,6 +71,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif os.path.exists("/proc/self/clear_refs"):
+            # Hand freed memory back to the OS first, so the forward's peak shows in RSS. (A fixed
+            # MALLOC_MMAP_THRESHOLD_ did that for every forward, and doubled eager CPU latency.)
+            if _LIBC is not None:
+                _LIBC.malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
             self.base = _status_kb("VmRSS")
@@ -81,14 +92,15 @@ def timed(forward, device, runs):
     """forward() once to warm up (cuDNN autotuning, compilation, one-time allocations stay
     outside), then `runs` times: (median ms, peak memory rise MB, the warm-up's output)."""
     out = forward()
+    with PeakMemory(device) as mem:  # one forward on its own: timed runs keep the allocator's cache
+        forward()
     times = []
-    with PeakMemory(device) as mem:
-        for _ in range(runs):
-            t = time.perf_counter()
-            forward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # a benchmark: the wall time of the whole forward
-            times.append((time.perf_counter() - t) * 1e3)
+    for _ in range(runs):
+        t = time.perf_counter()
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a benchmark: the wall time of the whole forward
+        times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times), mem.mb, out
 
 
@@ -213,11 +225,6 @@ def main(argv=None):
                     help="compare these inference runtimes instead (one row per preset, precision, runtime)")
     ap.add_argument("--cache-dir", default=None, help="--runtime: export / engine cache (default: a fresh temp dir)")
     args = ap.parse_args(argv)
-    if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        # A fixed mmap threshold makes glibc return every large tensor to the OS when freed
-        # (by default it raises the threshold and keeps them), so RSS peaks are per forward.
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precisions = args.precisions or ["fp32", "bf16"]
