@@ -28,7 +28,7 @@ from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, write
 from diffsql_model.eval.metrics import evaluate_frame, mean_metrics  # noqa: E402
 from diffsql_model.train.config import TrainConfig  # noqa: E402
 from diffsql_model.train.datasets import WithDepthPng  # noqa: E402
-from diffsql_model.train.pose_validation import PoseValidationSet, validate_pose  # noqa: E402
+from diffsql_model.eval.pose_eval import PoseValidationSet, validate_pose  # noqa: E402
 from diffsql_model.train.trainer import Trainer  # noqa: E402
 from diffsql_model.train.validate import validate  # noqa: E402
 

@@ -12,6 +12,7 @@ import torch
 from .config import ModelConfig
 from .depth_net import DiffSQLDepth
 from .errors import CheckpointError
+from .pose_net import PoseNet
 from .yaml_config import ConfigError
 
 FORMAT = "diffsql-checkpoint-v1"
@@ -175,6 +176,18 @@ def load_model(path: str | pathlib.Path, device: str | torch.device = "cpu", sd_
         model.sd.weights_seed = None  # its weights come from the file, not from a seed
     load_model_state(model, state, path)
     return model.to(device).eval(), cfg
+
+
+def load_pose_net(path: str | pathlib.Path, device: str | torch.device = "cpu") -> PoseNet:
+    """The PoseNet a monocular run stored next to the depth network (eval mode on `device`);
+    CheckpointError when the run had none (stereo-only training)."""
+    state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state.get("pose_net"), dict):
+        raise CheckpointError(f"{path}: no PoseNet in this checkpoint (trained without frames -1 / +1?)")
+    layers = ((state.get("train_config") or {}).get("model") or {}).get("pose_layers", 18)
+    pose_net = PoseNet(layers)  # its weights come from the file: never the ImageNet cache
+    load_state_strict(pose_net, state["pose_net"], "pose_net", path)
+    return pose_net.to(device).eval()
 
 
 def _check_fingerprint(rebuilt: float, recorded, path) -> None:

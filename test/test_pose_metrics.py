@@ -1,5 +1,6 @@
 """Relative pose error against ground truth (eval.pose_metrics), hand-computed, and the
 validation set that pairs synthetic drives' frames with their true poses."""
+import json
 import math
 import pathlib
 
@@ -11,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from diffsql_model.data.synthetic_kitti import make_synthetic_kitti, read_poses
 from diffsql_model.eval.pose_metrics import relative_pose_errors
 from diffsql_model.pose_net import PoseNet
-from diffsql_model.train.pose_validation import PoseValidationSet, validate_pose
+from diffsql_model.eval.pose_eval import PoseValidationSet, validate_pose
 
 
 def T(rotvec_deg=(0, 0, 0), t=(0, 0, 0)):
@@ -118,3 +119,36 @@ def test_frame_pair_conventions_on_a_turning_swaying_drive(tmp_path):
     assert right < 0.5 * photometric({f: np.eye(4) for f in (-1, 1)})
     assert right < 0.6 * photometric({-1: true[1], 1: true[-1]})
     assert right < 0.65 * photometric({f: np.linalg.inv(p) for f, p in true.items()})
+
+
+def test_diffsql_eval_pose_grades_the_checkpoints_posenet(tmp_path, capsys):
+    """`diffsql-eval --pose` on a synthetic drive: the checkpoint's PoseNet, graded against
+    poses.txt, gives validate_pose's numbers; a checkpoint without PoseNet is a clear error."""
+    from diffsql_model.checkpoint import save_checkpoint
+    from diffsql_model.depth_net import DiffSQLDepth
+    from diffsql_model.eval.cli import main
+    from diffsql_model.presets import get_preset
+
+    data = make_synthetic_kitti(tmp_path / "w", train_seeds=(), val_seed=4, num_frames=4, width=192,
+                                height=64, val_frames=5, world="varied")
+    torch.manual_seed(0)
+    cfg = get_preset("lite", height=64, width=192)
+    pose_net = PoseNet(18).eval()
+    state = {"model_config": cfg.to_dict(), "model": DiffSQLDepth(cfg).state_dict()}
+    save_checkpoint(tmp_path / "m.pt", {**state, "pose_net": pose_net.state_dict(),
+                                        "train_config": {"model": {"pose_layers": 18}}})
+    save_checkpoint(tmp_path / "s.pt", state)
+    argv = ["--protocol", "eigen_benchmark", "--data", data["root"], "--split-file", data["val_split"],
+            "--no-garg-crop", "--device", "cpu", "--pose"]
+    assert main(argv + ["--checkpoint", str(tmp_path / "m.pt"), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    got = json.loads((tmp_path / "r.json").read_text())["pose"]
+    want = validate_pose(pose_net, PoseValidationSet(data["root"], data["val_split"], 64, 192), torch.device("cpu"))
+    assert got["pairs"] == want["pose_pairs"] == 6
+    for k in ("rotation_deg", "translation_dir_deg", "translation_mag_err", "translation_scale"):
+        assert got[k] == pytest.approx(want[f"pose_{k}"], rel=1e-6), k
+    assert "pose (6 frame pairs against poses.txt)" in out
+    assert main(argv + ["--checkpoint", str(tmp_path / "s.pt")]) == 2
+    assert "no PoseNet in this checkpoint" in capsys.readouterr().err
+    assert main(["--protocol", "make3d", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "m.pt"), "--pose"]) == 2
+    assert "--pose needs" in capsys.readouterr().err

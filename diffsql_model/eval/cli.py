@@ -31,7 +31,7 @@ from diffsql_model.checkpoint import load_model
 from diffsql_model.data.kitti import read_split_file
 from diffsql_model.data.network_input import to_tensor_resized
 from diffsql_model.device import resolve_device
-from diffsql_model.eval import metrics, protocols, scale_stability, sparsification
+from diffsql_model.eval import metrics, pose_eval, protocols, scale_stability, sparsification
 from diffsql_model.runtimes import RUNTIMES, build_runtime
 
 TABLE = {"make3d": metrics.MAKE3D_COLUMNS}
@@ -186,10 +186,15 @@ def parse_args(argv=None):
     ap.add_argument("--uncertainty", action="store_true",
                     help="also score the uncertainty by sparsification (AUSE, AURG); with --predictions "
                     "the .npz needs an array 'uncertainty'")
+    ap.add_argument("--pose", action="store_true",
+                    help="eigen / eigen_benchmark: also grade the checkpoint's PoseNet against the drives' "
+                    "poses.txt (rotation, translation direction and magnitude of frames -1 / +1)")
     return ap.parse_args(argv)
 
 
 def evaluate(args) -> dict:
+    if getattr(args, "pose", False) and (not args.checkpoint or args.protocol not in ("eigen", "eigen_benchmark")):
+        raise ValueError("--pose needs --checkpoint (its PoseNet) and --protocol eigen or eigen_benchmark")
     crop = {} if getattr(args, "garg_crop", True) else {"garg_crop": False}
     cfg = protocols.EvalConfig.for_protocol(args.protocol, scaling=args.scaling, scale=args.scale,
                                             gt_depth=args.gt_depth, **crop)
@@ -207,7 +212,12 @@ def evaluate(args) -> dict:
         preds = ModelPredictions(frames, args.checkpoint, args.device, args.batch_size,
                                  getattr(args, "sd_path", None), unc, getattr(args, "runtime", "eager"))
         details["checkpoint"] = str(args.checkpoint)
-    return protocols.run_evaluation(frames, preds, cfg, **details)
+    result = protocols.run_evaluation(frames, preds, cfg, **details)
+    if getattr(args, "pose", False):
+        net = preds.net
+        result["pose"] = pose_eval.evaluate_pose(args.checkpoint, protocols.resolve_kitti_data(args.data)[0],
+                                                 args.split_file, net.cfg.height, net.cfg.width, net.device)
+    return result
 
 
 def _evaluate_bag(args, cfg) -> dict:
@@ -270,6 +280,8 @@ def report(result: dict) -> str:
         lines.append(sparsification.format_table(result["uncertainty"]))
     if result.get("scale_stability"):
         lines.append(scale_stability.format_line(result["scale_stability"], "frames in order"))
+    if result.get("pose"):
+        lines.append(pose_eval.format_line(result["pose"]))
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from ..pose_net import PoseNet, relative_pose
 from .config import TrainConfig, check_uncertainty_training, resolve_model_config
 from .datasets import build_datasets
 from .distributed import DistContext, ResumableSampler, all_reduce_max, barrier, wrap_ddp
-from .pose_validation import PoseValidationSet, validate_pose
+from ..eval.pose_eval import PoseValidationSet, validate_pose
 from .progress import RunLogger, StepTimer
 from .state import check_resumable, rng_state, seed_everything, set_rng_state
 from .validate import validate

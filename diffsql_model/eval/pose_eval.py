@@ -1,6 +1,6 @@
-"""PoseNet against ground-truth poses during validation: drives that carry `poses.txt`
-(camera-to-world, KITTI odometry format; every synthetic drive does) give relative-pose errors
-for each validation frame with both neighbours (frames -1 and +1)."""
+"""PoseNet against ground-truth poses: drives that carry `poses.txt` (camera-to-world, KITTI
+odometry format; every synthetic drive does) give relative-pose errors for each frame with both
+neighbours (frames -1 and +1). Used by training's validation and by `diffsql-eval --pose`."""
 from __future__ import annotations
 
 import pathlib
@@ -8,9 +8,10 @@ import pathlib
 import numpy as np
 import torch
 
+from ..checkpoint import load_pose_net
 from ..data.kitti import KittiRawDataset, parse_split_lines
 from ..data.synthetic_kitti import read_poses
-from ..eval.pose_metrics import relative_pose_errors
+from .pose_metrics import relative_pose_errors
 from ..pose_net import relative_pose
 
 
@@ -63,3 +64,23 @@ def validate_pose(pose_net: torch.nn.Module, pose_set: PoseValidationSet, device
     if not pred:
         return {}
     return {f"pose_{k}": v for k, v in relative_pose_errors(np.stack(pred), np.stack(true)).items()}
+
+
+def evaluate_pose(checkpoint, raw_root, split_file, height: int, width: int, device: torch.device) -> dict:
+    """`diffsql-eval --pose`: the checkpoint's PoseNet on every split frame whose drive has
+    `poses.txt` and both neighbours, at the depth network's input size (as it was trained)."""
+    if raw_root is None:
+        raise FileNotFoundError("--pose needs the raw image folders (with poses.txt per drive)")
+    pose_set = PoseValidationSet(raw_root, split_file, height, width)
+    if not len(pose_set):
+        raise ValueError(f"--pose: no left-camera frame of {split_file} has a poses.txt in its drive "
+                         "folder and both neighbours (frames -1 and +1)")
+    pose_net = load_pose_net(checkpoint, device)
+    errors = validate_pose(pose_net, pose_set, device, max_frames=len(pose_set))
+    return {k.removeprefix("pose_"): v for k, v in errors.items()}
+
+
+def format_line(pose: dict) -> str:
+    return (f"pose ({pose['pairs']} frame pairs against poses.txt): rotation {pose['rotation_deg']:.3f} deg, "
+            f"translation direction {pose['translation_dir_deg']:.2f} deg, magnitude error "
+            f"{pose['translation_mag_err']:.3f} (up to the median scale {pose['translation_scale']:.3f})")
