@@ -38,6 +38,10 @@ from diffsql_ros.node_params import check_params, declare_all, read_all
 STARTUP_ERRORS = (CheckpointError, ConfigError, ValueError, OSError)
 
 
+UNCERTAINTY_LOG = {"bins": "bin-distribution std (untrained: ranks errors no better than random)",
+                   "head": "trained head"}
+
+
 class DepthPipeline:
     def __init__(self, node):
         self.node = node
@@ -67,7 +71,8 @@ class DepthPipeline:
         # allocator growth (seconds for SD on a GPU).
         warmup_ms = self.estimator.warmup()
         self.node.get_logger().info(
-            f"loaded {s['checkpoint']} ({cfg.backbone}, network input {self.estimator.net_size}) "
+            f"loaded {s['checkpoint']} ({cfg.backbone}, network input {self.estimator.net_size}, "
+            f"uncertainty: {UNCERTAINTY_LOG[cfg.uncertainty]}) "
             f"on {device} in {s['precision']}{' with TF32' if self.estimator.tf32 else ''}; "
             f"warm-up inference {warmup_ms:.0f} ms")
 

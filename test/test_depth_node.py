@@ -422,6 +422,7 @@ def test_outputs_of_real_kitti_frames(setup):
     W, H = calib.image_size
     rgb = cv2.imread(str(FRAMES[0]))[..., ::-1].copy()
     ref_depth, ref_unc = setup["ref"][0]
+    assert "uncertainty: trained head" in setup["log"].read_text()  # the head checkpoint's std is published
     for sec, variant in ((100, "rgb8"), (101, "bgr8"), (102, "padded")):
         msgs = rx.request(pub, f"frame 0 {sec} {variant}", sec)
         for t, m in msgs.items():
