@@ -42,6 +42,10 @@ class DynamicSelfQueryLayer(nn.Module):
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.num_bins = num_bins
         if query_mode == "none":
+            # LayerNorm on S as in the DSQL path below: measured on a monocular run, the decoder's
+            # unnormalised S grew to |S| ~ 100, the 1x1 logits spread over ~2000 and the softmax
+            # turned one-hot on every pixel (a constant depth with zero gradient from step 250).
+            self.norm_s = nn.LayerNorm(model_dim)
             self.depth_head = nn.Conv2d(model_dim, num_bins, 1)
             return
         self.token_channels = token_channels
@@ -82,6 +86,7 @@ class DynamicSelfQueryLayer(nn.Module):
     def forward(self, S: torch.Tensor, tokens: torch.Tensor | None = None) -> dict:
         B = S.shape[0]
         if self.query_mode == "none":
+            S = self.norm_s(S.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-pixel norm over E
             p = F.softmax(self.depth_head(S), dim=1)
             b = S.new_full((B, self.num_bins), 1.0 / self.num_bins)
             centers = bin_centers_from_widths(b, self.min_depth, self.max_depth)

@@ -111,9 +111,13 @@ def test_none_mode_plain_head_uniform_bins():
     out = layer(S)
     assert "dynamic_queries" not in out
     torch.testing.assert_close(out["bin_centers"][0], 0.5 + 19.5 * (torch.arange(D, dtype=torch.double) + 0.5) / D)
-    logits = torch.einsum("de,behw->bdhw", layer.depth_head.weight[:, :, 0, 0], S) + layer.depth_head.bias[:, None, None]
+    Sn = _layer_norm(S.permute(0, 2, 3, 1), layer.norm_s).permute(0, 3, 1, 2)
+    logits = torch.einsum("de,behw->bdhw", layer.depth_head.weight[:, :, 0, 0], Sn) + layer.depth_head.bias[:, None, None]
     p = torch.softmax(logits, 1)
     torch.testing.assert_close(out["depth"], (p * out["bin_centers"][0][:, None, None]).sum(1, keepdim=True))
+    # Features that grew 100x (as a monocular run's decoder did) leave the depth as it was: the
+    # unnormalised head saturated its softmax there.
+    torch.testing.assert_close(layer(100 * S + 3)["depth"], out["depth"], rtol=1e-4, atol=1e-4)  # LayerNorm eps
 
 
 def test_wrong_tokens_rejected():
