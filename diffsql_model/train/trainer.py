@@ -89,7 +89,9 @@ class Trainer:
                                  precision=cfg.runtime.precision).to(self.device)
         self.teacher = None  # frozen, for the uncertainty head's self-teaching (uncertainty.py)
         if cfg.loss.uncertainty_teacher:
-            self.teacher = load_model(cfg.loss.uncertainty_teacher, self.device)[0].requires_grad_(False)
+            # in the run precision: a teacher with SD keeps its frozen SD in the run's dtypes
+            self.teacher = load_model(cfg.loss.uncertainty_teacher, self.device,
+                                      precision=cfg.runtime.precision)[0].requires_grad_(False)
         self.pose_net = None
         if cfg.data.temporal_ids:
             self.pose_net = PoseNet(cfg.model.pose_layers, cfg.model.pose_weights).to(self.device)
@@ -193,6 +195,10 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             outputs = self.ddp_model(batch[("color_aug", 0)])
+            teacher_depth = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_depth = self.teacher(batch[("color_aug", 0)])["depth"]
             poses = {f: relative_pose(self.ddp_pose, batch[("color_aug", 0)], batch[("color_aug", f)], f)
                      for f in self.cfg.data.temporal_ids}
         if self.cfg.data.stereo:
@@ -201,17 +207,17 @@ class Trainer:
         # The loss runs in fp32: SSIM on bf16 images loses the small differences it measures.
         losses = self.loss_fn(batch[("color", 0)], sources, outputs["depth"].float(),
                               batch["K"], batch["inv_K"], poses)
-        if self.teacher is not None:
-            nll = self._uncertainty_nll(batch[("color_aug", 0)], outputs)
+        if teacher_depth is not None:
+            nll = self._uncertainty_nll(teacher_depth, outputs)
             losses["uncertainty_nll"] = nll.detach()
             losses["loss"] = losses["loss"] + self.cfg.loss.uncertainty_weight * nll
         return outputs, losses
 
-    def _uncertainty_nll(self, image: torch.Tensor, outputs: dict) -> torch.Tensor:
+    @staticmethod
+    def _uncertainty_nll(teacher_depth: torch.Tensor, outputs: dict) -> torch.Tensor:
         """Self-teaching NLL of the teacher's log depth; both logs centred per image, so an M
         teacher's free scale is no error. The depth is detached: it trains the head only."""
-        with torch.no_grad():
-            t = self.teacher(image)["depth"].float().log()
+        t = teacher_depth.float().log()
         s = outputs["depth"].detach().float().log()
         centre = lambda x: x - x.mean(dim=(2, 3), keepdim=True)  # noqa: E731
         return laplacian_nll(centre(s), centre(t), outputs["log_b"].float())
