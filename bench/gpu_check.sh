@@ -134,7 +134,7 @@ define_stages() {
   # shellcheck disable=SC2206
   TRAIN=("$PY" bench/train_step.py --device cuda --presets $PRESETS --precision $PRECISIONS
     --size 192x640 --batch 8 --steps 5 --json "$out/train_step.json")
-  MULTI=("$PY" bench/multi_camera.py --device cuda --precision bf16 --cameras 1 2 4 --runs 10)
+  MULTI=("$PY" bench/multi_camera.py --device cuda --precision bf16 --cameras 1 2 4 --runs 10 --processes --seconds 3)
   TABLE=("$PY" bench/gpu_table.py "$out/model_speed.json" "$out/train_step.json")
 }
 
@@ -143,8 +143,8 @@ plan() {
   echo "  1. (10 + 10 s) nvidia-smi --query-gpu=..., torch's view of the GPU"
   echo "  2. (170 s) ${TESTS[*]}"
   echo "  3. (120 s) ${SPEED[*]}"
-  echo "  4. (120 s) ${TRAIN[*]}"
-  echo "  5. (40 s) ${MULTI[*]}"
+  echo "  4. (100 s) ${TRAIN[*]}"
+  echo "  5. (60 s) ${MULTI[*]}"
   echo "  6.         ${TABLE[*]} -> $1/table.md"
 }
 
@@ -173,8 +173,8 @@ main() {
   stage "torch's GPU" 10 "$PY" -c "$TORCH_GPU"
   stage "CUDA tests" 170 "${TESTS[@]}"
   stage "forward speed" 120 "${SPEED[@]}"
-  stage "training speed" 120 "${TRAIN[@]}"
-  stage "multi-camera batching" 40 "${MULTI[@]}"
+  stage "training speed" 100 "${TRAIN[@]}"
+  stage "multi-camera batching" 60 "${MULTI[@]}"
   echo
   echo "=== table"
   "${TABLE[@]}" | tee "$out/table.md"

@@ -1,17 +1,20 @@
 """Throughput of one model serving N cameras: N frames in one batched call (what the node's
-`cameras` parameter does) against N single-frame calls (the model's work of one node per
-camera, without the N model copies and N processes such a setup also pays).
+`cameras` parameter does) against N single-frame calls in the same process, and against N
+processes with a model each (one node per camera: N model copies competing for the device).
 
     .venv/bin/python bench/multi_camera.py [--cameras 1 2 4] [--size 375x1242] [--net 192x640]
     .venv/bin/python bench/multi_camera.py --device cuda --runtime compile   # on a GPU
 
-Frames are real KITTI images (camera-sized, resized by the estimator as in the node); weights
+`--processes` adds the N-process column: each process loads its own model, they start together
+and run single-frame calls for `--seconds`; the column is all their frames over the wall time,
+and the RSS column the sum of their resident memory (the model copies). Frames are real KITTI images (camera-sized, resized by the estimator as in the node); weights
 are random (speed does not depend on them). Prints frames per second per setting and the ratio
 batched / single-camera rate; the goal on a GPU is >= 0.7 N.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import pathlib
 import statistics
@@ -43,6 +46,43 @@ def rate(fn, frames: int, runs: int) -> float:
     return frames / statistics.median(times)
 
 
+def _build(a):
+    h, w = (int(v) for v in a.net.split("x"))
+    torch.manual_seed(0)
+    cfg = get_preset(a.preset, height=h, width=w)
+    return DiffSQLDepth(cfg).eval(), cfg, (h, w)
+
+
+def _camera_process(a, image, barrier, queue) -> None:
+    """One node per camera: its own model, single frames for a.seconds after every process is ready."""
+    torch.set_num_threads(a.threads)
+    model, cfg, net = _build(a)
+    est = DepthEstimator(model, cfg, a.device, a.precision, net, runtime=a.runtime)
+    est.warmup(image.shape[:2])
+    est.predict(image, full_size=a.output_resolution == "input")
+    barrier.wait()
+    t0, frames = time.perf_counter(), 0
+    while time.perf_counter() - t0 < a.seconds:
+        est.predict(image, full_size=a.output_resolution == "input")
+        frames += 1
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    queue.put((frames, time.perf_counter() - t0, rss))
+
+
+def processes_rate(a, images) -> tuple[float, float]:
+    """(frames/s of all processes together, summed RSS in MiB) for one process per image."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(images)), ctx.Queue()
+    procs = [ctx.Process(target=_camera_process, args=(a, im, barrier, queue)) for im in images]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return sum(f for f, _, _ in results) / max(t for _, t, _ in results), sum(r for _, _, r in results)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4])
@@ -54,14 +94,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runtime", default="eager")
     ap.add_argument("--output-resolution", choices=("input", "network"), default="input")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, per process")
+    ap.add_argument("--processes", action="store_true", help="also run one process per camera")
+    ap.add_argument("--seconds", type=float, default=20.0, help="timed run of each process")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     H, W = (int(v) for v in a.size.split("x"))
-    h, w = (int(v) for v in a.net.split("x"))
-    torch.manual_seed(0)
-    cfg = get_preset(a.preset, height=h, width=w)
-    model = DiffSQLDepth(cfg).eval()
+    model, cfg, (h, w) = _build(a)
     full = a.output_resolution == "input"
     images = [cv2.resize(cv2.imread(str(p))[..., ::-1], (W, H)) for p in FRAMES[: max(a.cameras)]]
     images += [images[0]] * (max(a.cameras) - len(images))
@@ -73,13 +112,15 @@ def main(argv=None) -> int:
         batched = rate(lambda: est.predict_batch(frames, full_size=full), n, a.runs)
         one_by_one = rate(lambda: [est.predict(f, full_size=full) for f in frames], n, a.runs)
         single = single or one_by_one
-        rows.append((n, batched, one_by_one, batched / single))
+        procs = processes_rate(a, frames) if a.processes else (float("nan"), float("nan"))
+        rows.append((n, batched, one_by_one, batched / single, *procs))
     print(f"\n{a.preset} {h}x{w}, camera {H}x{W}, {a.device} {a.precision} {a.runtime}, "
           f"outputs at {a.output_resolution} resolution, {a.threads} threads, median of {a.runs}")
-    print("| cameras | batched (frames/s) | one call per camera (frames/s) | batched / 1-camera rate |")
-    print("|---|---|---|---|")
-    for n, b, s, r in rows:
-        print(f"| {n} | {b:.1f} | {s:.1f} | {r:.2f} (goal on GPU >= {0.7 * n:.1f}) |")
+    print("| cameras | batched (frames/s) | one call per camera (frames/s) | batched / 1-camera rate "
+          "| one process per camera (frames/s) | their RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for n, b, s, r, pr, rss in rows:
+        print(f"| {n} | {b:.1f} | {s:.1f} | {r:.2f} (goal on GPU >= {0.7 * n:.1f}) | {pr:.1f} | {rss:.0f} |")
     return 0
 
 

@@ -360,7 +360,7 @@ def setup(tmp_path_factory):
         [str(CONSOLE_SCRIPT), "--ros-args", "--params-file", str(PARAMS_FILE),
          "-p", f"checkpoint:={ckpt}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
          "-p", f"points.max_range:={max_range}", "-p", f"points.max_uncertainty:={max_unc}",
-         "-p", "diagnostics_period:=0.5", "-p", "points.rgb:=true",
+         "-p", "diagnostics_period:=0.5", "-p", "points.rgb:=true", "-p", "points.decimation:=1",
          # Best-effort 1.4 MB frames lose UDP fragments on a loaded 2-core box: reliable makes
          # every frame the test sends arrive (sensor_data stays the default for cameras).
          "-p", "input_qos:=reliable"],
@@ -369,7 +369,8 @@ def setup(tmp_path_factory):
     node_c = subprocess.Popen(
         [str(CONSOLE_SCRIPT), "--ros-args", "-r", "__ns:=/compressed", "--params-file", str(PARAMS_FILE),
          "-p", f"checkpoint:={ckpt_bins}", "-p", f"input_height:={NET[0]}", "-p", f"input_width:={NET[1]}",
-         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable", "-p", "output_resolution:=network"],
+         "-p", "image_transport:=compressed", "-p", "input_qos:=reliable", "-p", "output_resolution:=network",
+         "-p", "points.decimation:=1"],
         stdout=log_c, stderr=subprocess.STDOUT, env=node_env(), cwd=tmp)
     receiver = Receiver()
     publisher = Publisher(tmp)
@@ -488,18 +489,18 @@ def test_params_file_keys_are_declared_by_the_running_node(setup):
 
 def test_runtime_parameter_changes(setup):
     rx, pub, calib = setup["rx"], setup["pub"], setup["calib"]
-    assert rx.set_param("points.decimation", 4).successful
+    assert rx.set_param("points.decimation", 3).successful
     assert not rx.set_param("scale.mode", "bogus").successful
     assert not rx.set_param("min_depth", 500.0).successful  # above max_depth
     assert not rx.set_param("checkpoint", "/elsewhere.pt").successful  # read-only
     msgs = rx.request(pub, "frame 1 110 rgb8", 110, ("points", "depth", "depth/uncertainty"))
     cloud, depth_msg, unc_msg = msgs["points"], msgs["depth"], msgs["depth/uncertainty"]
     W, H = calib.image_size
-    assert (cloud.height, cloud.width) == (-(-H // 4), -(-W // 4))
+    assert (cloud.height, cloud.width) == (-(-H // 3), -(-W // 3))
     depth = np.frombuffer(depth_msg.data, np.float32).reshape(H, W)
     unc = np.frombuffer(unc_msg.data, np.float32).reshape(H, W)
     rgb = cv2.imread(str(FRAMES[1]))[..., ::-1].copy()
-    _check_cloud(cloud, depth, unc, calib.K, rgb, 4, setup["max_range"], setup["max_unc"])
+    _check_cloud(cloud, depth, unc, calib.K, rgb, 3, setup["max_range"], setup["max_unc"])
     assert rx.set_param("points.decimation", 1).successful
 
 

@@ -39,7 +39,7 @@ from test_depth_node import DATE_DIR, FRAME_ID, FRAMES, NET, Receiver, _camera_i
 PARAMS = {"checkpoint": "/not/this/one.pt",  # the launch argument's must win
           "input_height": NET[0], "input_width": NET[1], "device": "cpu",
           "input_qos": "reliable",  # 1.4 MB frames: best effort loses fragments on a loaded box
-          "diagnostics_period": 0.5, "points": {"decimation": 4}}
+          "diagnostics_period": 0.5, "points": {"decimation": 3}}
 SIGTERM_TIMEOUT = 5.0  # launch's default sigterm_timeout: Ctrl-C must be done before it
 
 
@@ -217,14 +217,14 @@ def test_remaps_apply(launched):
         msgs = probe.send_frame(cam, calib, rgb, sec=500 + i)
         depth, cloud = msgs["depth"], msgs["points"]
         assert (depth.width, depth.height, depth.encoding, depth.header.frame_id) == (W, H, "32FC1", FRAME_ID)
-        # points.decimation: 4 from the params file, in effect.
-        assert (cloud.width, cloud.height) == (-(-W // 4), -(-H // 4))
+        # points.decimation: 3 from the params file (the default is 4), in effect.
+        assert (cloud.width, cloud.height) == (-(-W // 3), -(-H // 3))
 
 
 def test_params_file_and_checkpoint_arrive(launched):
     case, proc, probe = launched
     flat = {"input_height": NET[0], "input_width": NET[1], "device": "cpu", "input_qos": "reliable",
-            "diagnostics_period": 0.5, "points.decimation": 4,
+            "diagnostics_period": 0.5, "points.decimation": 3,
             "checkpoint": case.launch_args["checkpoint"],  # the launch argument, not the params file's
             "image_transport": "raw", "points.rgb": False}  # not in the file: the declared defaults
     wait_up(launched)
