@@ -9,6 +9,10 @@ world, trains `lite` at 64x192 (batch 4, lr 1e-4, no ImageNet weights: the setti
 and every `--every` steps prints: AbsRel (median scaling) on one training drive and on the
 held-out drive, the mean predicted depth, the scale gt/pred, and PoseNet's error against the
 true poses of the held-out drive. First rows: a constant depth and the untrained model.
+
+`--true-pose` trains the depth network with the drives' true relative poses (poses.txt, in
+metres) in place of PoseNet's, and without depth normalisation: whether depth learns from the
+temporal frames when the pose is right (the "depth cannot be learned if the pose is not" check).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from diffsql_model.data.kitti import KittiRawDataset  # noqa: E402
-from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, write_split  # noqa: E402
+from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, read_poses, write_split  # noqa: E402
 from diffsql_model.eval.metrics import evaluate_frame, mean_metrics  # noqa: E402
 from diffsql_model.train.config import TrainConfig  # noqa: E402
 from diffsql_model.train.datasets import WithDepthPng  # noqa: E402
@@ -33,6 +37,36 @@ from diffsql_model.train.trainer import Trainer  # noqa: E402
 from diffsql_model.train.validate import validate  # noqa: E402
 
 HELD_OUT_DRIVE = f"{DATE}_drive_0999_sync"
+
+
+class TruePoseTrainer(Trainer):
+    """Depth trained with the true relative poses of the temporal sources (PoseNet unused)."""
+
+    def __init__(self, cfg, out, raw_root: str, baseline: float = 0.54):
+        super().__init__(cfg, out)
+        self.raw_root, self._poses = pathlib.Path(raw_root), {}
+        self.right = np.eye(4)
+        self.right[0, 3] = baseline  # right camera = left camera pose @ this
+
+    def true_T(self, name: str, source: int, flip: bool) -> torch.Tensor:
+        folder, frame, side = name.split()
+        poses = self._poses.setdefault(folder, read_poses(self.raw_root / folder / "poses.txt"))
+        T = np.linalg.inv(poses[int(frame) + source]) @ poses[int(frame)]  # X_src = T X_tgt
+        if side == "r":
+            T = np.linalg.inv(self.right) @ T @ self.right
+        if flip:  # the mirrored world: x -> -x on both sides
+            F = np.diag([-1.0, 1.0, 1.0, 1.0])
+            T = F @ T @ F
+        return torch.from_numpy(T).float()
+
+    def forward_losses(self, batch: dict):
+        outputs = self.ddp_model(batch[("color_aug", 0)])
+        flips = batch["do_flip"].tolist() if torch.is_tensor(batch["do_flip"]) else list(batch["do_flip"])
+        poses = {f: torch.stack([self.true_T(n, f, fl) for n, fl in zip(batch["name"], flips)]).to(self.device)
+                 for f in self.cfg.data.temporal_ids}
+        sources = {f: batch[("color", f)] for f in poses}
+        return outputs, self.loss_fn(batch[("color", 0)], sources, outputs["depth"].float(),
+                                     batch["K"], batch["inv_K"], poses)
 
 
 def make_data(out: pathlib.Path, world: str, drives: int, frames: int, width: int, height: int,
@@ -92,8 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--model", dest="model_fields", action="append", default=[], metavar="FIELD=VALUE",
                    help="a ModelConfig field of the preset, e.g. query_mode=none (a plain depth head)")
+    p.add_argument("--true-pose", action="store_true", help="train depth with the true poses (no PoseNet)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.true_pose:
+        a.overrides = ["loss.depth_normalization='off'", *a.overrides]
     torch.set_num_threads(a.threads)
     out = pathlib.Path(a.out)
     w, h = (int(v) for v in a.render.split("x"))
@@ -110,7 +147,7 @@ def main(argv=None) -> int:
         "runtime": {"device": "cpu", "num_workers": 1, "checkpoint_every": a.every, "val_every": 0,
                     "progress": False, "log_every": 50, "image_every": 0},
     }).with_overrides(a.overrides)
-    trainer = Trainer(cfg, out)
+    trainer = TruePoseTrainer(cfg, out, data["root"]) if a.true_pose else Trainer(cfg, out)
     mc = trainer.model_cfg
     sets = {"train_drive": depth_set(data, data["train_drive_split"], mc.height, mc.width),
             "held_out": depth_set(data, data["val_split"], mc.height, mc.width)}

@@ -59,9 +59,15 @@ class PoseNet(nn.Module):
         # "none", "imagenet" (the local torch hub cache only, as the encoder: never downloads) or a .pth.
         resnet = build_resnet(f"resnet{num_layers}", weights)
         conv1 = nn.Conv2d(6, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        with torch.no_grad():
-            # Pretrained RGB filters shared by both frames, halved so activations keep their scale.
-            conv1.weight.copy_(torch.cat([resnet.conv1.weight] * 2, dim=1) / 2)
+        if weights == "none":
+            # Its own random filters per frame: copies of one random filter would see only the
+            # sum of the two frames, blind to the motion between them until training breaks the
+            # symmetry (measured: PoseNet then fits a sideways motion to the scene's look).
+            nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            with torch.no_grad():
+                # Pretrained RGB filters shared by both frames, halved so activations keep their scale.
+                conv1.weight.copy_(torch.cat([resnet.conv1.weight] * 2, dim=1) / 2)
         resnet.conv1 = conv1
         self.encoder = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool + fc
         feat = 512 if num_layers < 50 else 2048

@@ -53,6 +53,23 @@ def test_posenet_shapes_small_outputs_and_gradients():
     assert net.encoder[0].weight.grad.abs().sum() > 0
 
 
+def test_untrained_posenet_sees_the_order_of_its_frames():
+    """From scratch, each frame has its own first-layer filters: with one random filter copied
+    to both, the first layer sees a + b and the motion a -> b equals b -> a until training breaks
+    the symmetry (the demo world's monocular runs then locked onto a sideways motion)."""
+    torch.manual_seed(0)
+    net = PoseNet(18, weights="none").eval()
+    w = net.encoder[0].weight
+    assert not torch.allclose(w[:, :3], w[:, 3:])
+    a, b = torch.rand(1, 3, 64, 192), torch.rand(1, 3, 64, 192)
+    with torch.no_grad():
+        forward, backward = torch.cat(net(a, b), 1), torch.cat(net(b, a), 1)
+    assert (forward - backward).abs().max() > 0.05 * forward.abs().max()
+    with torch.no_grad():  # the copied init, for contrast: a and b are interchangeable
+        w.copy_(torch.cat([w[:, :3]] * 2, 1))
+        assert torch.allclose(torch.cat(net(a, b), 1), torch.cat(net(b, a), 1), atol=1e-6)
+
+
 @pytest.mark.parametrize("invert", [False, True])
 def test_pose_is_composed_in_fp32_under_autocast(invert):
     """The trainer calls this inside bf16 autocast: the matrices must still be fp32-exact."""
