@@ -49,13 +49,25 @@ def relative_pose(pose_net: nn.Module, target: torch.Tensor, source: torch.Tenso
     return transformation_from_parameters(axisangle, translation)
 
 
+# The motion an untrained PoseNet predicts (translation, earlier frame first, in units of the
+# mean depth as M training normalises it; X_later = X_earlier + t). "forward": a camera that
+# looks where it moves (cars, most robots' front cameras). From zero, PoseNet first learns the
+# dataset's average motion while it cannot yet read motion from the images, and on some worlds
+# that average locks into a sideways "pivot" motion with a depth ramp that fits it (measured:
+# docs/benchmarks.md, "Why M fails on the demo world"). "none": zero, for side or rear cameras.
+POSE_PRIORS = {"forward": (0.0, 0.0, -0.05), "none": (0.0, 0.0, 0.0)}
+
+
 class PoseNet(nn.Module):
     """ResNet (first conv widened to 6 channels) + small conv decoder -> (axisangle, translation)."""
 
-    def __init__(self, num_layers: int = 18, weights: str = "none", scale: float = 0.01):
+    def __init__(self, num_layers: int = 18, weights: str = "none", scale: float = 0.01,
+                 prior: str = "none"):
         super().__init__()
         if num_layers not in (18, 34, 50):
             raise ValueError(f"num_layers must be one of [18, 34, 50], got {num_layers}")
+        if prior not in POSE_PRIORS:
+            raise ValueError(f"pose prior must be one of {sorted(POSE_PRIORS)}, got {prior!r}")
         # "none", "imagenet" (the local torch hub cache only, as the encoder: never downloads) or a .pth.
         resnet = build_resnet(f"resnet{num_layers}", weights)
         conv1 = nn.Conv2d(6, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -77,8 +89,10 @@ class PoseNet(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(256, 6, 1),
         )
-        # Small outputs make training start near the identity motion.
+        # Small outputs make training start near the identity motion (plus the prior's translation).
         self.scale = scale
+        with torch.no_grad():
+            self.decoder[-1].bias[3:] += torch.tensor(POSE_PRIORS[prior]) / scale
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406] * 2).view(1, 6, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225] * 2).view(1, 6, 1, 1))
 

@@ -70,6 +70,26 @@ def test_untrained_posenet_sees_the_order_of_its_frames():
         assert torch.allclose(torch.cat(net(a, b), 1), torch.cat(net(b, a), 1), atol=1e-6)
 
 
+def test_forward_prior_starts_posenet_at_a_forward_motion():
+    """prior="forward": before any training, the predicted motion of any pair (earlier first) is
+    0.05 mean depths forward: a point ahead of the camera comes 0.05 closer, frame +1 and -1
+    alike; prior="none" starts near zero."""
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 64, 192), torch.rand(2, 3, 64, 192)
+    with torch.no_grad():
+        _, t = PoseNet(18, prior="forward")(a, b)
+        _, t0 = PoseNet(18, prior="none")(a, b)
+        assert torch.allclose(t, torch.tensor([0.0, 0.0, -0.05]).expand(2, 3), atol=0.01)
+        assert t0.abs().max() < 0.01
+        net = PoseNet(18, prior="forward")
+        p = torch.tensor([0.0, 0.0, 1.0, 1.0])  # a target-frame point 1 mean depth ahead
+        later = relative_pose(net, a, b, 1)[0] @ p  # in frame +1: the camera moved forward
+        earlier = relative_pose(net, a, b, -1)[0] @ p  # in frame -1: it was behind
+        assert later[2] == pytest.approx(0.95, abs=0.01) and earlier[2] == pytest.approx(1.05, abs=0.01)
+    with pytest.raises(ValueError, match="pose prior"):
+        PoseNet(18, prior="sideways")
+
+
 @pytest.mark.parametrize("invert", [False, True])
 def test_pose_is_composed_in_fp32_under_autocast(invert):
     """The trainer calls this inside bf16 autocast: the matrices must still be fp32-exact."""

@@ -14,6 +14,7 @@ import yaml
 from ..config import ModelConfig, check_sd_weights
 from ..device import PRECISIONS
 from ..losses import LossConfig
+from ..pose_net import POSE_PRIORS
 from ..presets import get_preset
 from ..yaml_config import ConfigError, YamlConfig
 
@@ -30,10 +31,13 @@ class ModelSection(YamlConfig):
     config: Optional[ModelConfig] = None  # wins over preset + overrides when given
     pose_layers: int = 18  # PoseNet ResNet depth
     pose_weights: str = "none"  # "none" | "imagenet" (local torch cache only)
+    pose_prior: str = "forward"  # PoseNet's initial motion (pose_net.POSE_PRIORS): forward | none
 
     def __post_init__(self):
         if self.config is None and not self.preset:
             raise ConfigError("model: give either a preset name or a full config")
+        if self.pose_prior not in POSE_PRIORS:
+            raise ConfigError(f"model.pose_prior must be one of {sorted(POSE_PRIORS)}, got {self.pose_prior!r}")
 
 
 @dataclasses.dataclass

@@ -94,7 +94,8 @@ class Trainer:
                                       precision=cfg.runtime.precision)[0].requires_grad_(False)
         self.pose_net = None
         if cfg.data.temporal_ids:
-            self.pose_net = PoseNet(cfg.model.pose_layers, cfg.model.pose_weights).to(self.device)
+            self.pose_net = PoseNet(cfg.model.pose_layers, cfg.model.pose_weights,
+                                    prior=cfg.model.pose_prior).to(self.device)
         seed_everything(cfg.runtime.seed + 1000 * self.ctx.rank + 1)
 
     def _build_optimizer(self) -> None:
