@@ -15,6 +15,7 @@ torchao, not a dependency) and bf16 (no bf16 instructions on this CPU: bench/mod
 from __future__ import annotations
 
 import argparse
+import copy
 import pathlib
 import statistics
 import sys
@@ -67,10 +68,11 @@ def quantize_int8(fp32_onnx: pathlib.Path, out: pathlib.Path, calib: torch.Tenso
 
 def build(name: str, model, size, calib: torch.Tensor, cache: pathlib.Path):
     """Candidate -> callable B x 3 x h x w -> B x h x w numpy depth."""
-    if name in ("eager", "channels_last"):
-        net = model.to(memory_format=torch.channels_last if name == "channels_last" else torch.contiguous_format)
-        fmt = torch.channels_last if name == "channels_last" else torch.contiguous_format
-        return lambda x: depth_maps(net, x.contiguous(memory_format=fmt))[:, 0].numpy()
+    if name == "eager":
+        return lambda x: depth_maps(model, x)[:, 0].numpy()
+    if name == "channels_last":  # a copy: the other candidates keep the contiguous model
+        net = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        return lambda x: depth_maps(net, x.contiguous(memory_format=torch.channels_last))[:, 0].numpy()
     if name == "compile":
         rt = build_runtime(model, "compile", size)
         return lambda x: rt(x)[:, 0].numpy()
@@ -138,7 +140,6 @@ def main(argv=None) -> int:
                 diff = float(np.abs(pred - ref[1]).max())
                 print(f"| {s} | {name} | {ms:.1f} | {1000 / ms:.1f} | {abs_rel:.4f} | {abs_rel - ref[0]:+.4f} "
                       f"| {diff:.1e} |", flush=True)
-            model.to(memory_format=torch.contiguous_format)
     return 0
 
 

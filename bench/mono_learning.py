@@ -28,6 +28,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from diffsql_model.data.kitti import KittiRawDataset  # noqa: E402
+from diffsql_model.data.synthetic import SyntheticConfig  # noqa: E402
 from diffsql_model.data.synthetic_kitti import DATE, make_synthetic_kitti, read_poses, write_split  # noqa: E402
 from diffsql_model.eval.metrics import evaluate_frame, mean_metrics  # noqa: E402
 from diffsql_model.train.config import TrainConfig  # noqa: E402
@@ -42,7 +43,7 @@ HELD_OUT_DRIVE = f"{DATE}_drive_0999_sync"
 class TruePoseTrainer(Trainer):
     """Depth trained with the true relative poses of the temporal sources (PoseNet unused)."""
 
-    def __init__(self, cfg, out, raw_root: str, baseline: float = 0.54):
+    def __init__(self, cfg, out, raw_root: str, baseline: float = SyntheticConfig.baseline):
         super().__init__(cfg, out)
         self.raw_root, self._poses = pathlib.Path(raw_root), {}
         self.right = np.eye(4)

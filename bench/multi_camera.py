@@ -17,6 +17,7 @@ import argparse
 import multiprocessing as mp
 import os
 import pathlib
+import queue as queue_module
 import statistics
 import sys
 import time
@@ -60,7 +61,7 @@ def _camera_process(a, image, barrier, queue) -> None:
     est = DepthEstimator(model, cfg, a.device, a.precision, net, runtime=a.runtime)
     est.warmup(image.shape[:2])
     est.predict(image, full_size=a.output_resolution == "input")
-    barrier.wait()
+    barrier.wait(timeout=600)  # a sibling that died before it breaks the barrier: no hang
     t0, frames = time.perf_counter(), 0
     while time.perf_counter() - t0 < a.seconds:
         est.predict(image, full_size=a.output_resolution == "input")
@@ -77,7 +78,16 @@ def processes_rate(a, images) -> tuple[float, float]:
     procs = [ctx.Process(target=_camera_process, args=(a, im, barrier, queue)) for im in images]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=600) for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=5))
+        except queue_module.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a camera process failed (exit codes {dead})") from None
     for p in procs:
         p.join(timeout=60)
     return sum(f for f, _, _ in results) / max(t for _, t, _ in results), sum(r for _, _, r in results)
